@@ -1,0 +1,133 @@
+"""The video latent diffusion engine: UNet, denoiser, conditioner and first stage built from one config node.
+
+Parameter names follow the official single-file checkpoint: `model.diffusion_model.*` (the UNet),
+`conditioner.embedders.N.*` and `first_stage_model.*`.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from modules.config import instantiate
+
+
+class DiffusionWrapper(nn.Cell):
+    """Appends the `concat` conditioning to the noisy latent's channels and calls the UNet."""
+
+    def __init__(self, diffusion_model: nn.Cell):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def construct(self, x, t, concat, context, y, num_frames: int = 1):
+        return self.diffusion_model(ops.cat([x, concat], axis=1), t, context=context, y=y, num_frames=num_frames)
+
+
+class DenoiseCell(nn.Cell):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond): one network evaluation, compiled as a whole in graph mode.
+
+    x: (N, C, h, w) noisy latents, sigma: (N,), concat/context/y: the conditioning routed by the conditioner.
+    """
+
+    def __init__(self, wrapper: DiffusionWrapper, scaling):
+        super().__init__()
+        self.model = wrapper
+        self.scaling = scaling
+
+    def construct(self, x, sigma, concat, context, y, num_frames: int = 1):
+        s = sigma.astype(ms.float32).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = self.scaling(s)
+        dtype = x.dtype
+        out = self.model((x * c_in).astype(dtype), c_noise.reshape(-1), concat, context, y, num_frames)
+        return out.astype(ms.float32) * c_out + x.astype(ms.float32) * c_skip
+
+
+class VideoDiffusionEngine(nn.Cell):
+    """Holds the networks of SVD and the recipe pieces the config picks (denoiser, sampler, loss, sigma sampler)."""
+
+    def __init__(
+        self,
+        network_config: dict,
+        denoiser_config: dict,
+        first_stage_config: dict,
+        conditioner_config: dict | None = None,
+        sampler_config: dict | None = None,
+        loss_fn_config: dict | None = None,
+        sigma_sampler_config: dict | None = None,
+        scale_factor: float = 1.0,
+        disable_first_stage_autocast: bool = False,
+        disable_first_stage_amp: bool | dict = False,
+        en_and_decode_n_samples_a_time: int | None = None,
+        input_key: str = "frames",
+        ckpt_path: str | None = None,
+        **ignored,
+    ):
+        super().__init__()
+        self.model = DiffusionWrapper(instantiate(network_config))
+        self.denoiser = instantiate(denoiser_config)
+        self.conditioner = instantiate(
+            conditioner_config or {"target": "modules.conditioner.GeneralConditioner", "params": {"emb_models": []}}
+        )
+        self.first_stage_model = instantiate(first_stage_config)
+        self.first_stage_model.set_train(False)
+        for p in self.first_stage_model.get_parameters():
+            p.requires_grad = False
+        self.sampler = instantiate(sampler_config) if sampler_config else None
+        self.loss_fn = instantiate(loss_fn_config) if loss_fn_config else None
+        self.sigma_sampler = instantiate(sigma_sampler_config) if sigma_sampler_config else None
+        self.scale_factor = scale_factor
+        # the first stage stays in float32 under mixed precision (read by modules.amp)
+        self.disable_first_stage_amp = bool(disable_first_stage_autocast or disable_first_stage_amp)
+        self.en_and_decode_n_samples_a_time = en_and_decode_n_samples_a_time
+        self.input_key = input_key
+
+    @property
+    def unet(self) -> nn.Cell:
+        return self.model.diffusion_model
+
+    def denoise_cell(self) -> DenoiseCell:
+        """A cell computing D(x; sigma); build it once and reuse it so graph mode compiles once."""
+        return DenoiseCell(self.model, self.denoiser.scaling)
+
+    def decode_first_stage(self, z: Tensor, num_frames: int, chunk_size: int | None = None) -> Tensor:
+        """Latents (b t) c h w -> frames (b t) 3 H W in [-1, 1], decoding at most `chunk_size` frames of a clip at once.
+
+        The temporal decoder mixes the frames of one call, so the chunk is also its temporal window. A last chunk
+        shorter than the others is fine.
+        """
+        n = z.shape[0]
+        if n % num_frames:
+            raise ValueError(f"{n} latents do not split into clips of {num_frames} frames")
+        chunk = chunk_size or self.en_and_decode_n_samples_a_time or num_frames
+        if not 1 <= chunk:
+            raise ValueError(f"decode chunk size must be at least 1, got {chunk}")
+        chunk = min(chunk, num_frames)
+        z = z / self.scale_factor
+        out = []
+        for start in range(0, n, num_frames):
+            for i in range(start, start + num_frames, chunk):
+                j = min(i + chunk, start + num_frames)
+                out.append(self.first_stage_model.decode(z[i:j], timesteps=j - i))
+        return ops.cat(out, axis=0) if len(out) > 1 else out[0]
+
+    def encode_first_stage(self, x: Tensor, chunk_size: int | None = None, noise: Tensor | None = None) -> Tensor:
+        """Frames (N, 3, H, W) in [-1, 1] -> scaled latents; samples the posterior when `noise` is given, else its mode."""
+        n = x.shape[0]
+        chunk = chunk_size or self.en_and_decode_n_samples_a_time or n
+        out = []
+        for i in range(0, n, chunk):
+            eps = None if noise is None else noise[i : i + chunk]
+            out.append(self.first_stage_model.encode(x[i : i + chunk], noise=eps))
+        z = ops.cat(out, axis=0) if len(out) > 1 else out[0]
+        return z * self.scale_factor
+
+
+def count_params(cell: nn.Cell) -> int:
+    """Number of scalar parameters of a cell (works on lazily built cells)."""
+    total = 0
+    for p in cell.get_parameters():
+        n = 1
+        for d in p.shape:
+            n *= d
+        total += n
+    return total

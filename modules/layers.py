@@ -1,0 +1,256 @@
+"""Building blocks shared by the UNet, the autoencoder and the CLIP vision tower.
+
+Parameters are named `weight` and `bias` everywhere (as in PyTorch) so that the official checkpoints map by name.
+Normalisations and softmax compute in float32 whatever the input dtype, which is what keeps mixed precision stable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import HeUniform, Uniform, initializer
+
+__all__ = [
+    "GroupNorm",
+    "LayerNorm",
+    "Linear",
+    "Conv2d",
+    "TemporalConv",
+    "SiLU",
+    "GELU",
+    "Identity",
+    "attention",
+    "timestep_embedding",
+    "zero_module",
+    "upsample_nearest2x",
+]
+
+
+def _fan_in_uniform(fan_in: int) -> Uniform:
+    return Uniform(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+
+class Identity(nn.Cell):
+    def construct(self, x, *args, **kwargs):
+        return x
+
+
+class SiLU(nn.Cell):
+    """x * sigmoid(x), computed in float32."""
+
+    def construct(self, x):
+        dtype = x.dtype
+        x = x.astype(ms.float32)
+        return (x * ops.sigmoid(x)).astype(dtype)
+
+
+class GELU(nn.Cell):
+    """Exact (erf) GELU, or the tanh approximation."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def construct(self, x):
+        return ops.gelu(x, approximate=self.approximate)
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over (N, C, *) with per-channel affine `weight`/`bias`.
+
+    Each group is normalised as one row of a LayerNorm over (N*G, C/G * spatial), which is much faster on CPU than
+    the dedicated GroupNorm kernel. Statistics are taken in float32.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
+            self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
+
+    def construct(self, x):
+        shape = x.shape
+        dtype = x.dtype
+        n = shape[0]
+        xr = x.astype(ms.float32).reshape(n * self.num_groups, -1)
+        length = xr.shape[1]
+        ones = ops.ones((length,), ms.float32)
+        zeros = ops.zeros((length,), ms.float32)
+        y, _, _ = ops.LayerNorm(1, 1, self.eps)(xr, ones, zeros)
+        y = y.reshape(shape)
+        if self.affine:
+            bshape = (1, self.num_channels) + (1,) * (len(shape) - 2)
+            y = y * self.weight.astype(ms.float32).reshape(bshape) + self.bias.astype(ms.float32).reshape(bshape)
+        return y.astype(dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with `weight`/`bias`, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.affine = affine
+        self.layer_norm = ops.LayerNorm(-1, -1, eps)
+        if affine:
+            self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+            self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
+
+    def construct(self, x):
+        dtype = x.dtype
+        if self.affine:
+            weight, bias = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+        else:
+            weight, bias = ops.ones((self.dim,), ms.float32), ops.zeros((self.dim,), ms.float32)
+        y, _, _ = self.layer_norm(x.astype(ms.float32), weight, bias)
+        return y.astype(dtype)
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b over the last axis of an input of any rank; W is (out, in) as in PyTorch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = Parameter(
+            initializer(HeUniform(math.sqrt(5)), (out_features, in_features), ms.float32), name="weight"
+        )
+        self.has_bias = bias
+        if bias:
+            self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32), name="bias")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]), self.weight.astype(x.dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(x.dtype)
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class Conv2d(nn.Cell):
+    """2D convolution over (N, C, H, W) with symmetric zero padding; weight is (out, in // groups, kh, kw)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        groups: int = 1,
+    ):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.weight = Parameter(
+            initializer(HeUniform(math.sqrt(5)), (out_channels, in_channels // groups, kh, kw), ms.float32),
+            name="weight",
+        )
+        self.has_bias = bias
+        if bias:
+            fan_in = in_channels // groups * kh * kw
+            self.bias = Parameter(initializer(_fan_in_uniform(fan_in), (out_channels,), ms.float32), name="bias")
+        self.conv = ops.Conv2D(
+            out_channels, (kh, kw), mode=1, pad_mode="pad", pad=padding, stride=stride, group=groups
+        )
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        y = self.conv(x, self.weight.astype(x.dtype))
+        if self.has_bias:
+            y = self.bias_add(y, self.bias.astype(x.dtype))
+        return y
+
+
+class TemporalConv(nn.Cell):
+    """A 3D convolution over (B, C, T, H, W) whose kernel is (kt, 1, 1), with 'same' padding along time.
+
+    The weight keeps the PyTorch Conv3d shape (out, in, kt, 1, 1) so checkpoints load as they are; the computation is
+    a 2D convolution over (B, C, T, H*W), which gives the same result and is much faster than Conv3d on CPU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int], bias: bool = True):
+        super().__init__()
+        if isinstance(kernel_size, int):
+            kernel_size = (kernel_size, 1, 1)
+        kt, kh, kw = (int(k) for k in kernel_size)
+        if (kh, kw) != (1, 1):
+            raise ValueError(f"TemporalConv supports kernels of shape (kt, 1, 1), got {kernel_size}")
+        self.kt = kt
+        self.out_channels = out_channels
+        self.weight = Parameter(
+            initializer(HeUniform(math.sqrt(5)), (out_channels, in_channels, kt, 1, 1), ms.float32), name="weight"
+        )
+        self.has_bias = bias
+        if bias:
+            self.bias = Parameter(initializer(_fan_in_uniform(in_channels * kt), (out_channels,), ms.float32), name="bias")
+        self.conv = ops.Conv2D(out_channels, (kt, 1), mode=1, pad_mode="pad", pad=(kt // 2, kt // 2, 0, 0))
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        b, c, t, h, w = x.shape
+        weight = self.weight.astype(x.dtype).reshape(self.out_channels, c, self.kt, 1)
+        y = self.conv(x.reshape(b, c, t, h * w), weight)
+        if self.has_bias:
+            y = self.bias_add(y, self.bias.astype(x.dtype))
+        return y.reshape(b, self.out_channels, t, h, w)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Multi-head softmax attention. q: (B, Lq, H*D), k and v: (B, Lk, H*D) -> (B, Lq, H*D).
+
+    Scores and softmax are computed in float32.
+    """
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    d = inner // heads
+    dtype = q.dtype
+    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3) * (d**-0.5)
+    k = k.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(ms.float32)
+    probs = ops.softmax(scores, axis=-1).astype(dtype)
+    out = ops.BatchMatMul()(probs, v)
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (N,) scalars to (N, dim): [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2)).
+
+    Cosine first, as in the original (sgm) and in diffusers with flip_sin_to_cos=True; zero-padded if dim is odd.
+    """
+    half = dim // 2
+    freqs = ops.exp(-math.log(max_period) * ops.arange(0, half, dtype=ms.float32) / half)
+    args = t.astype(ms.float32).reshape(-1, 1) * freqs.reshape(1, -1)
+    emb = ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
+    if dim % 2:
+        emb = ops.cat([emb, ops.zeros((emb.shape[0], 1), ms.float32)], axis=-1)
+    return emb
+
+
+def zero_module(cell: nn.Cell) -> nn.Cell:
+    """Set every parameter of a cell to zero (output layers of residual branches start as the identity)."""
+    for p in cell.get_parameters():
+        p.set_data(initializer("zeros", p.shape, p.dtype))
+    return cell
+
+
+def upsample_nearest2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour 2x upsampling of (N, C, H, W)."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h, 1, w, 1)
+    x = ops.broadcast_to(x, (n, c, h, 2, w, 2))
+    return x.reshape(n, c, h * 2, w * 2)
