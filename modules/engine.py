@@ -6,6 +6,8 @@ Parameter names follow the official single-file checkpoint: `model.diffusion_mod
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -58,6 +60,7 @@ class VideoDiffusionEngine(nn.Cell):
         disable_first_stage_autocast: bool = False,
         disable_first_stage_amp: bool | dict = False,
         en_and_decode_n_samples_a_time: int | None = None,
+        num_frames: int = 14,
         input_key: str = "frames",
         ckpt_path: str | None = None,
         **ignored,
@@ -80,6 +83,7 @@ class VideoDiffusionEngine(nn.Cell):
         self.disable_first_stage_amp = bool(disable_first_stage_autocast or disable_first_stage_amp)
         self.en_and_decode_n_samples_a_time = en_and_decode_n_samples_a_time
         self.input_key = input_key
+        self.num_frames = num_frames  # the frame count the model was trained for (14 SVD, 25 SVD-XT)
 
     @property
     def unet(self) -> nn.Cell:
@@ -89,7 +93,9 @@ class VideoDiffusionEngine(nn.Cell):
         """A cell computing D(x; sigma); build it once and reuse it so graph mode compiles once."""
         return DenoiseCell(self.model, self.denoiser.scaling)
 
-    def decode_first_stage(self, z: Tensor, num_frames: int, chunk_size: int | None = None) -> Tensor:
+    def decode_first_stage(
+        self, z: Tensor, num_frames: int, chunk_size: int | None = None, on_chunk: Callable[[], object] | None = None
+    ) -> Tensor:
         """Latents (b t) c h w -> frames (b t) 3 H W in [-1, 1], decoding at most `chunk_size` frames of a clip at once.
 
         The temporal decoder mixes the frames of one call, so the chunk is also its temporal window. A last chunk
@@ -98,16 +104,17 @@ class VideoDiffusionEngine(nn.Cell):
         n = z.shape[0]
         if n % num_frames:
             raise ValueError(f"{n} latents do not split into clips of {num_frames} frames")
-        chunk = chunk_size or self.en_and_decode_n_samples_a_time or num_frames
-        if not 1 <= chunk:
+        chunk = min(chunk_size or self.en_and_decode_n_samples_a_time or num_frames, num_frames)
+        if chunk < 1:
             raise ValueError(f"decode chunk size must be at least 1, got {chunk}")
-        chunk = min(chunk, num_frames)
         z = z / self.scale_factor
         out = []
         for start in range(0, n, num_frames):
             for i in range(start, start + num_frames, chunk):
                 j = min(i + chunk, start + num_frames)
                 out.append(self.first_stage_model.decode(z[i:j], timesteps=j - i))
+                if on_chunk is not None:
+                    on_chunk()
         return ops.cat(out, axis=0) if len(out) > 1 else out[0]
 
     def encode_first_stage(self, x: Tensor, chunk_size: int | None = None, noise: Tensor | None = None) -> Tensor:

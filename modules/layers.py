@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
@@ -233,7 +234,9 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     Cosine first, as in the original (sgm) and in diffusers with flip_sin_to_cos=True; zero-padded if dim is odd.
     """
     half = dim // 2
-    freqs = ops.exp(-math.log(max_period) * ops.arange(0, half, dtype=ms.float32) / half)
+    # frequencies rounded once from float64: MindSpore's float32 exp on CPU is a few ulp off, which the large
+    # arguments (motion_bucket_id up to 255) amplify
+    freqs = Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32))
     args = t.astype(ms.float32).reshape(-1, 1) * freqs.reshape(1, -1)
     emb = ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
     if dim % 2:

@@ -6,9 +6,10 @@ weightings take sigma already broadcast to the sample's rank and work on MindSpo
 
 from __future__ import annotations
 
-from mindspore import Tensor, ops
+from mindspore import Tensor, jit_class, ops
 
 
+@jit_class
 class VScalingWithEDMcNoise:
     """v-prediction with EDM's noise conditioning, sigma_data = 1 (the SVD parametrisation).
 
@@ -24,6 +25,7 @@ class VScalingWithEDMcNoise:
         return c_skip, c_out, c_in, c_noise
 
 
+@jit_class
 class EDMScaling:
     """EDM preconditioning for x0 targets with a given sigma_data (Karras et al. 2022, eq. 7)."""
 
@@ -39,6 +41,7 @@ class EDMScaling:
         return c_skip, c_out, c_in, c_noise
 
 
+@jit_class
 class EDMWeighting:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, which makes the loss unit-variance."""
 
@@ -56,6 +59,7 @@ class VWeighting(EDMWeighting):
         super().__init__(sigma_data=1.0)
 
 
+@jit_class
 class EpsWeighting:
     """lambda(sigma) = sigma^-2, the epsilon-prediction loss."""
 
@@ -63,6 +67,7 @@ class EpsWeighting:
         return 1.0 / (sigma * sigma)
 
 
+@jit_class
 class UnitWeighting:
     def __call__(self, sigma: Tensor) -> Tensor:
         return ops.ones_like(sigma)

@@ -23,6 +23,9 @@ def _double(x: Tensor, sigma: Tensor, cond: dict, uc: dict, keys) -> tuple[Tenso
 class IdentityGuider:
     """No guidance: one evaluation of the conditional model."""
 
+    def needs_uncond(self, num_frames: int) -> bool:
+        return False
+
     def prepare_inputs(self, x: Tensor, sigma: Tensor, cond: dict, uc: dict) -> tuple[Tensor, Tensor, dict]:
         return x, sigma, cond
 
@@ -39,6 +42,10 @@ class _PerFrameGuider:
 
     def frame_scales(self, num_frames: int) -> np.ndarray:
         raise NotImplementedError
+
+    def needs_uncond(self, num_frames: int) -> bool:
+        """A scale of exactly 1 on every frame returns the conditional prediction: the unconditional pass is skipped."""
+        return bool(np.any(self.frame_scales(num_frames) != 1.0))
 
     def prepare_inputs(self, x: Tensor, sigma: Tensor, cond: dict, uc: dict) -> tuple[Tensor, Tensor, dict]:
         return _double(x, sigma, cond, uc, self.cond_keys)

@@ -56,6 +56,8 @@ class EulerEDMSampler:
         self, denoise_fn: DenoiseFn, x: Tensor, sigma: float, cond: dict, uc: dict, num_frames: int
     ) -> Tensor:
         s = Tensor(np.full((x.shape[0],), sigma, np.float32))
+        if not self.guider.needs_uncond(num_frames):
+            return denoise_fn(x, s, cond)
         xg, sg, cg = self.guider.prepare_inputs(x, s, cond, uc)
         return self.guider(denoise_fn(xg, sg, cg), sg, num_frames)
 

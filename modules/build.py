@@ -1,0 +1,43 @@
+"""Building the engine from a config file, with or without a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
+from omegaconf import DictConfig
+
+from modules.config import instantiate, load_config, to_container
+
+
+def build_engine(
+    config: str | DictConfig | dict,
+    checkpoint: str | None = None,
+    lazy: bool = False,
+    strict: bool = True,
+    drop: tuple[str, ...] = (),
+) -> nn.Cell:
+    """The engine of a model config, optionally filled from a checkpoint (any format `modules.convert` reads).
+
+    With a checkpoint or `lazy`, parameters are created without random initialisation; a lazy engine without a
+    checkpoint only describes names and shapes. `drop` removes config sections (for example "sampler_config").
+    """
+    cfg: Any = to_container(load_config(config) if isinstance(config, str) else config)
+    model_cfg = dict(cfg["model"]) if "model" in cfg else dict(cfg)
+    params = dict(model_cfg.get("params") or {})
+    for key in drop:
+        params.pop(key, None)
+    node = {"target": model_cfg["target"], "params": params}
+    if checkpoint is None and not lazy:
+        return instantiate(node)
+    with no_init_parameters():
+        engine = instantiate(node)
+    if checkpoint is not None:
+        from modules.convert.load import load_checkpoint
+
+        load_checkpoint(engine, checkpoint, strict=strict)
+        for p in engine.get_parameters():
+            if p.has_init:  # not in the checkpoint (only possible with strict=False): random initialisation
+                p.init_data()
+    return engine
