@@ -15,14 +15,15 @@ import os
 import sys
 from pathlib import Path
 
+import mindspore  # noqa: F401  (imported before anything that may load decord)
 from jsonargparse import ArgumentParser
 
-import mindspore  # noqa: F401  (imported before anything that may load decord)
 from modules.build import build_engine
 from modules.convert.load import (
     DTYPES,
     Plan,
     check,
+    component_prefixes,
     diffusers_name_maps,
     param_shapes,
     plan_for,
@@ -59,8 +60,7 @@ def check_manifest(manifest: str, engine) -> tuple[list[str], str]:
         scope = None
     else:
         maps = diffusers_name_maps(engine, {layout: shapes})
-        # a component fills the model parameters under the prefixes its rules write to
-        scope = sorted({_component_root(r.target) for r in maps[layout].rules})
+        scope = component_prefixes(engine)[layout]
     problems = check({layout: shapes}, maps, model_shapes, scope)
     name_map = maps[layout]
     in_scope = [n for n in model_shapes if scope is None or n.startswith(tuple(scope))]
@@ -70,18 +70,6 @@ def check_manifest(manifest: str, engine) -> tuple[list[str], str]:
         f"{len(problems)} problems"
     )
     return problems, summary
-
-
-def _component_root(name: str) -> str:
-    for root in ("model.diffusion_model.", "first_stage_model."):
-        if name.startswith(root):
-            return root
-    parts = name.split(".")
-    # conditioner.embedders.N.<inner> -> the embedder's weights root
-    if parts[0] == "conditioner":
-        inner = {"encoder": 4, "open_clip": 7}.get(parts[3], 4)
-        return ".".join(parts[:inner]) + "."
-    return parts[0] + "."
 
 
 def plan_summary(plan: Plan, source: str) -> str:
@@ -127,7 +115,9 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pt_weights_file", type=str, default="", help="sgm .safetensors/.ckpt/.pt or a diffusers folder")
+    parser.add_argument(
+        "--pt_weights_file", type=str, default="", help="sgm .safetensors/.ckpt/.pt or a diffusers folder"
+    )
     parser.add_argument("--config", type=str, required=True, help="model config, e.g. configs/svd_xt.yaml")
     parser.add_argument("--out_dir", type=str, default=None, help="output folder (default: <weights dir>/ms_models)")
     parser.add_argument("--dtype", type=str, default="fp32", help="stored dtype: fp32, fp16 or bf16")

@@ -55,27 +55,37 @@ def _embedder_index(engine: nn.Cell, class_name: str) -> int:
     raise CheckpointError(f"the model config has no {class_name} embedder to receive these weights")
 
 
+def component_prefixes(engine: nn.Cell) -> dict[str, tuple[str, ...]]:
+    """Where each diffusers component's weights live in the engine (the vae fills two places)."""
+    enc = _embedder_index(engine, "VideoPredictionEmbedderWithEncoder")
+    clip = _embedder_index(engine, "FrozenOpenCLIPImagePredictionEmbedder")
+    return {
+        "unet": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.", f"conditioner.embedders.{enc}.encoder."),
+        "image_encoder": (f"conditioner.embedders.{clip}.open_clip.model.visual.",),
+    }
+
+
 def diffusers_name_maps(engine: nn.Cell, parts: Mapping[str, Mapping[str, tuple]]) -> dict[str, NameMap]:
     """Name maps from diffusers components (`unet`, `vae`, `image_encoder`) to engine parameter names."""
     from modules.convert.clip import clip_vision_from_transformers
     from modules.convert.unet import unet_from_diffusers
     from modules.convert.vae import cond_encoder_from_diffusers, first_stage_from_diffusers
 
+    prefixes = component_prefixes(engine)
     maps = {}
     if "unet" in parts:
-        maps["unet"] = unet_from_diffusers(parts["unet"]).prefixed("model.diffusion_model.")
+        maps["unet"] = unet_from_diffusers(parts["unet"]).prefixed(prefixes["unet"][0])
     if "vae" in parts:
-        enc = _embedder_index(engine, "VideoPredictionEmbedderWithEncoder")
-        first = first_stage_from_diffusers(parts["vae"]).prefixed("first_stage_model.")
-        cond = cond_encoder_from_diffusers(parts["vae"]).prefixed(f"conditioner.embedders.{enc}.encoder.")
+        first = first_stage_from_diffusers(parts["vae"]).prefixed(prefixes["vae"][0])
+        cond = cond_encoder_from_diffusers(parts["vae"]).prefixed(prefixes["vae"][1])
         # a key one map drops may be used by the other
         used = {s for r in first.rules + cond.rules for s in r.sources}
         dropped = {k: v for k, v in {**first.dropped, **cond.dropped}.items() if k not in used}
         maps["vae"] = NameMap(first.rules + cond.rules, dropped)
     if "image_encoder" in parts:
-        i = _embedder_index(engine, "FrozenOpenCLIPImagePredictionEmbedder")
         maps["image_encoder"] = clip_vision_from_transformers(parts["image_encoder"]).prefixed(
-            f"conditioner.embedders.{i}.open_clip.model.visual."
+            prefixes["image_encoder"][0]
         )
     return maps
 
@@ -114,13 +124,16 @@ def check(
             missing_src = [s for s in rule.sources if s not in shapes]
             if missing_src:
                 problems.append(f"missing source key: {part}:{missing_src[0]} (needed for {rule.target})")
+                targets[rule.target] = part  # reported once, here, not again as an unfilled parameter
                 continue
             used.update(rule.sources)
             if rule.target in targets:
                 problems.append(f"duplicate target: {rule.target} (from {targets[rule.target]} and {part})")
             targets[rule.target] = part
             if rule.target not in model_shapes:
-                problems.append(f"unexpected key: {rule.target} (from {part}:{rule.sources[0]}) is not a model parameter")
+                problems.append(
+                    f"unexpected key: {rule.target} (from {part}:{rule.sources[0]}) is not a model parameter"
+                )
                 continue
             stand_ins = [np.broadcast_to(np.zeros((), np.float32), shapes[s]) for s in rule.sources]
             got = tuple(rule.apply(stand_ins).shape)
