@@ -26,7 +26,7 @@ class DiffusionWrapper(nn.Cell):
 
 
 class DenoiseCell(nn.Cell):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond): one network evaluation, compiled as a whole in graph mode.
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond): one network evaluation, compiled whole in graph mode.
 
     x: (N, C, h, w) noisy latents, sigma: (N,), concat/context/y: the conditioning routed by the conditioner.
     """
@@ -118,7 +118,7 @@ class VideoDiffusionEngine(nn.Cell):
         return ops.cat(out, axis=0) if len(out) > 1 else out[0]
 
     def encode_first_stage(self, x: Tensor, chunk_size: int | None = None, noise: Tensor | None = None) -> Tensor:
-        """Frames (N, 3, H, W) in [-1, 1] -> scaled latents; samples the posterior when `noise` is given, else its mode."""
+        """Frames (N, 3, H, W) in [-1, 1] -> scaled latents: the posterior sample for a given `noise`, else its mode."""
         n = x.shape[0]
         chunk = chunk_size or self.en_and_decode_n_samples_a_time or n
         out = []

@@ -61,9 +61,7 @@ def init_env(
         init()
         rank, world = get_rank(), get_group_size()
         ms.reset_auto_parallel_context()
-        ms.set_auto_parallel_context(
-            parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world
-        )
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
     if seed is not None:
         seed_everything(seed)
     logger.info("device %s, mode %s, rank %d of %d, pid %d", device_target, mode, rank, world, os.getpid())

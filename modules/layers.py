@@ -164,9 +164,7 @@ class Conv2d(nn.Cell):
         if bias:
             fan_in = in_channels // groups * kh * kw
             self.bias = Parameter(initializer(_fan_in_uniform(fan_in), (out_channels,), ms.float32), name="bias")
-        self.conv = ops.Conv2D(
-            out_channels, (kh, kw), mode=1, pad_mode="pad", pad=padding, stride=stride, group=groups
-        )
+        self.conv = ops.Conv2D(out_channels, (kh, kw), mode=1, pad_mode="pad", pad=padding, stride=stride, group=groups)
         self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
@@ -197,7 +195,9 @@ class TemporalConv(nn.Cell):
         )
         self.has_bias = bias
         if bias:
-            self.bias = Parameter(initializer(_fan_in_uniform(in_channels * kt), (out_channels,), ms.float32), name="bias")
+            self.bias = Parameter(
+                initializer(_fan_in_uniform(in_channels * kt), (out_channels,), ms.float32), name="bias"
+            )
         self.conv = ops.Conv2D(out_channels, (kt, 1), mode=1, pad_mode="pad", pad=(kt // 2, kt // 2, 0, 0))
         self.bias_add = ops.BiasAdd()
 

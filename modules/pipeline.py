@@ -1,8 +1,8 @@
 """Image-to-video generation: the Python API behind image_to_video.py.
 
-    pipe = SVDPipeline.from_config("configs/svd_xt.yaml", "svd_xt.safetensors")
-    video = pipe(load_image("rocket.png", size=(1024, 576)), seed=42).frames[0]   # (T, H, W, 3) uint8
-    export_to_video(video, "rocket.mp4", fps=7)
+pipe = SVDPipeline.from_config("configs/svd_xt.yaml", "svd_xt.safetensors")
+video = pipe(load_image("rocket.png", size=(1024, 576)), seed=42).frames[0]   # (T, H, W, 3) uint8
+export_to_video(video, "rocket.mp4", fps=7)
 """
 
 from __future__ import annotations
@@ -143,7 +143,9 @@ class SVDPipeline:
         batch = {
             "cond_frames_without_noise": Tensor(img),
             "cond_frames": Tensor(img + noise_aug_strength * image_noise),
-            **scalar_batch({"fps_id": fps - 1, "motion_bucket_id": motion_bucket_id, "cond_aug": noise_aug_strength}, t),
+            **scalar_batch(
+                {"fps_id": fps - 1, "motion_bucket_id": motion_bucket_id, "cond_aug": noise_aug_strength}, t
+            ),
         }
         c, uc = engine.conditioner.get_unconditional_conditioning(
             batch, force_uc_zero_embeddings=["cond_frames", "cond_frames_without_noise"]
@@ -178,7 +180,9 @@ class SVDPipeline:
                 callback(i, n, sigma, x.asnumpy())
 
         try:
-            z = sampler(self._denoise_fn(t), Tensor(latents), cond, ucond, t, num_steps=steps, callback=on_step, rng=rng)
+            z = sampler(
+                self._denoise_fn(t), Tensor(latents), cond, ucond, t, num_steps=steps, callback=on_step, rng=rng
+            )
         finally:
             sampler.guider = guider
             bar.close()
