@@ -488,7 +488,7 @@ class AutoencoderKLModeOnly(AutoencoderKL):
         return self.encode(x)
 
 
-_TEMPORAL_NAMES = ("VideoDecoder", "VideoResBlock", "AE3DConv", "ResBlock3D")
+_TEMPORAL_NAMES = ("VideoDecoder", "VideoResBlock", "AE3DConv")
 
 
 def __getattr__(name: str) -> Any:

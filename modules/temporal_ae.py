@@ -17,9 +17,10 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Constant, initializer
 
 from modules.autoencoder import Decoder, ResnetBlock
-from modules.layers import Conv2d, GroupNorm, Identity, SiLU, TemporalConv, zero_module
+from modules.layers import Conv2d, TemporalConv
+from modules.unet import ResBlock
 
-__all__ = ["ResBlock3D", "VideoResBlock", "AE3DConv", "VideoDecoder"]
+__all__ = ["VideoResBlock", "AE3DConv", "VideoDecoder"]
 
 
 def _temporal_kernel(video_kernel_size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -33,45 +34,6 @@ def _temporal_kernel(video_kernel_size: int | Sequence[int]) -> tuple[int, int, 
             f"video_kernel_size {video_kernel_size} is not supported: only (kt, 1, 1) with odd kt (SVD uses [3, 1, 1])"
         )
     return kernel
-
-
-class ResBlock3D(nn.Cell):
-    """The UNet ResBlock with dims=3 and no timestep embedding (sgm `ResBlock(..., dims=3, skip_t_emb=True)`).
-
-    in_layers = GroupNorm(32, eps 1e-5), SiLU, conv(kt,1,1); out_layers = GroupNorm, SiLU, dropout, zero-init
-    conv(kt,1,1); identity skip when channels match. Input and output are b c t h w.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        out_channels: int | None = None,
-        dropout: float = 0.0,
-        kernel_size: int | Sequence[int] = (3, 1, 1),
-    ):
-        super().__init__()
-        out_channels = channels if out_channels is None else out_channels
-        kernel = _temporal_kernel(kernel_size)
-        self.in_layers = nn.SequentialCell(
-            [GroupNorm(32, channels, eps=1e-5), SiLU(), TemporalConv(channels, out_channels, kernel)]
-        )
-        self.out_layers = nn.SequentialCell(
-            [
-                GroupNorm(32, out_channels, eps=1e-5),
-                SiLU(),
-                nn.Dropout(p=dropout) if dropout > 0 else Identity(),
-                zero_module(TemporalConv(out_channels, out_channels, kernel)),
-            ]
-        )
-        self.has_skip_conv = out_channels != channels
-        if self.has_skip_conv:
-            self.skip_connection = TemporalConv(channels, out_channels, 1)
-
-    def construct(self, x: Tensor) -> Tensor:
-        h = self.out_layers(self.in_layers(x))
-        if self.has_skip_conv:
-            x = self.skip_connection(x)
-        return x + h
 
 
 def _mix_factor(alpha: float, merge_strategy: str) -> Parameter | Tensor:
@@ -96,7 +58,15 @@ class VideoResBlock(ResnetBlock):
         merge_strategy: str = "learned",
     ):
         super().__init__(in_channels=in_channels, out_channels=out_channels, dropout=dropout)
-        self.time_stack = ResBlock3D(self.out_channels, dropout=dropout, kernel_size=video_kernel_size)
+        # the UNet's residual block over time, without a timestep embedding
+        self.time_stack = ResBlock(
+            self.out_channels,
+            emb_channels=0,
+            dropout=dropout,
+            dims=3,
+            kernel_size=_temporal_kernel(video_kernel_size),
+            skip_t_emb=True,
+        )
         self.learned_alpha = merge_strategy == "learned"
         self.mix_factor = _mix_factor(alpha, merge_strategy)
 
@@ -104,7 +74,7 @@ class VideoResBlock(ResnetBlock):
         x = super().construct(x, temb)
         bt, c, h, w = x.shape
         t = bt if timesteps is None else timesteps
-        x_t = self.time_stack(x.reshape(bt // t, t, c, h, w).transpose(0, 2, 1, 3, 4))
+        x_t = self.time_stack(x.reshape(bt // t, t, c, h, w).transpose(0, 2, 1, 3, 4), None)
         x_t = x_t.transpose(0, 2, 1, 3, 4).reshape(bt, c, h, w)
         alpha = ops.sigmoid(self.mix_factor) if self.learned_alpha else self.mix_factor
         alpha = alpha.astype(x.dtype)
