@@ -31,16 +31,19 @@ class DenoiseCell(nn.Cell):
     x: (N, C, h, w) noisy latents, sigma: (N,), concat/context/y: the conditioning routed by the conditioner.
     """
 
-    def __init__(self, wrapper: DiffusionWrapper, scaling):
+    def __init__(self, wrapper: DiffusionWrapper, scaling, compute_dtype=ms.float32):
         super().__init__()
         self.model = wrapper
         self.scaling = scaling
+        self.compute_dtype = compute_dtype
 
     def construct(self, x, sigma, concat, context, y, num_frames: int = 1):
         s = sigma.astype(ms.float32).reshape(-1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = self.scaling(s)
-        dtype = x.dtype
-        out = self.model((x * c_in).astype(dtype), c_noise.reshape(-1), concat, context, y, num_frames)
+        dt = self.compute_dtype
+        out = self.model(
+            (x * c_in).astype(dt), c_noise.reshape(-1), concat.astype(dt), context.astype(dt), y.astype(dt), num_frames
+        )
         return out.astype(ms.float32) * c_out + x.astype(ms.float32) * c_skip
 
 
@@ -84,14 +87,25 @@ class VideoDiffusionEngine(nn.Cell):
         self.en_and_decode_n_samples_a_time = en_and_decode_n_samples_a_time
         self.input_key = input_key
         self.num_frames = num_frames  # the frame count the model was trained for (14 SVD, 25 SVD-XT)
+        self.compute_dtype = ms.float32  # the UNet's; set by modules.amp.apply_amp
 
     @property
     def unet(self) -> nn.Cell:
         return self.model.diffusion_model
 
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel along each side (8 for SVD)."""
+        return 2 ** (self.first_stage_model.encoder.num_resolutions - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling (64 for SVD)."""
+        return self.latent_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
     def denoise_cell(self) -> DenoiseCell:
         """A cell computing D(x; sigma); build it once and reuse it so graph mode compiles once."""
-        return DenoiseCell(self.model, self.denoiser.scaling)
+        return DenoiseCell(self.model, self.denoiser.scaling, self.compute_dtype)
 
     def decode_first_stage(
         self, z: Tensor, num_frames: int, chunk_size: int | None = None, on_chunk: Callable[[], object] | None = None

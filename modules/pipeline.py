@@ -1,8 +1,13 @@
 """Image-to-video generation: the Python API behind image_to_video.py.
 
+```
+from modules.pipeline import SVDPipeline, export_to_video, load_image, resize_center_crop
+
 pipe = SVDPipeline.from_config("configs/svd_xt.yaml", "svd_xt.safetensors")
-video = pipe(load_image("rocket.png", size=(1024, 576)), seed=42).frames[0]   # (T, H, W, 3) uint8
+image = resize_center_crop(load_image("rocket.png"), 1024, 576)
+video = pipe(image, seed=42, decode_chunk_size=8).frames[0]  # (T, H, W, 3) uint8
 export_to_video(video, "rocket.mp4", fps=7)
+```
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import numpy as np
 from mindspore import Tensor, ops
 from tqdm.auto import tqdm
 
+from data.image_io import fit_to_multiple, load_image, resize_center_crop  # noqa: F401  (part of the API)
+from data.video_io import write_gif as export_to_gif  # noqa: F401
+from data.video_io import write_mp4 as export_to_video  # noqa: F401
+from modules.amp import apply_amp
 from modules.build import build_engine
 from modules.conditioner import scalar_batch
 from modules.diffusion.guiders import LinearPredictionGuider
@@ -57,9 +66,17 @@ class SVDPipeline:
     conditioning-frame noise is drawn first, then the initial latents, so a seed reproduces a video exactly.
     """
 
-    def __init__(self, engine, num_frames: int | None = None, verbose: bool = True):
+    def __init__(
+        self,
+        engine,
+        num_frames: int | None = None,
+        amp_level: str = "O0",
+        amp_dtype: str = "fp16",
+        verbose: bool = True,
+    ):
         if engine.sampler is None:
             raise ValueError("the model config has no sampler_config")
+        apply_amp(engine, amp_level, amp_dtype)
         self.engine = engine
         self.num_frames = num_frames or getattr(engine, "num_frames", 14)
         self.verbose = verbose
@@ -107,7 +124,8 @@ class SVDPipeline:
         """Generate `num_videos_per_prompt` videos from one image.
 
         Args:
-            image: PIL image, (H, W, 3) uint8 array, or (1, 3, H, W) float array in [-1, 1]; H and W multiples of 8.
+            image: PIL image, (H, W, 3) uint8 array, or (1, 3, H, W) float array in [-1, 1]; H and W multiples of
+                `engine.size_multiple` (64 for SVD; data.image_io resizes to fit).
             num_frames: frames per video (default: the config's, 14 for SVD and 25 for SVD-XT).
             num_inference_steps: Euler steps (default: the config's sampler, 25).
             min_guidance_scale, max_guidance_scale: the per-frame guidance ramp, first to last frame (default: config).
@@ -116,7 +134,7 @@ class SVDPipeline:
             noise_aug_strength: std of the noise added to the conditioning frame; also fed to the model (cond_aug).
             decode_chunk_size: frames decoded per VAE call, 1..num_frames (default all); smaller uses less memory.
             seed / generator: randomness; `generator` (numpy) wins over `seed`.
-            latents: optional initial noise, (videos * T, 4, H/8, W/8), standard normal (scaled by the sampler).
+            latents: optional initial noise, (videos * T, 4, H/8, W/8), standard normal (the sampler scales it).
             image_noise: optional standard-normal noise for the conditioning-frame augmentation, (1, 3, H, W).
             output_type: "uint8", "np" (float32 in [0, 1]) or "latent".
             callback: called after every step with (step, num_steps, sigma, latents).
@@ -132,8 +150,9 @@ class SVDPipeline:
         rng = generator or np.random.default_rng(seed)
         img = image_to_tensor(image)
         _, _, h, w = img.shape
-        if h % 8 or w % 8:
-            raise ValueError(f"image height and width must be multiples of 8, got {h}x{w}")
+        unit = engine.size_multiple
+        if h % unit or w % unit:
+            raise ValueError(f"image height and width must be multiples of {unit} for this model, got {h}x{w}")
         b = num_videos_per_prompt
         timings = {}
 
@@ -159,7 +178,8 @@ class SVDPipeline:
 
         start = time.perf_counter()
         channels = engine.unet.out_channels
-        shape = (b * t, channels, h // 8, w // 8)
+        f = engine.latent_factor
+        shape = (b * t, channels, h // f, w // f)
         if latents is None:
             latents = rng.standard_normal(shape).astype(np.float32)
         elif tuple(latents.shape) != shape:

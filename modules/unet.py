@@ -297,6 +297,7 @@ class VideoUNet(nn.Cell):
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
+        self.channel_mult = tuple(channel_mult)
         self.num_classes = num_classes
         time_embed_dim = model_channels * 4
         self.time_embed = _mlp(model_channels, time_embed_dim)

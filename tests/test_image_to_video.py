@@ -1,0 +1,156 @@
+"""image_to_video.py end to end on the tiny config, and every bad input the CLI must refuse cleanly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mindspore as ms  # noqa: F401  (before decord)
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.video_io import VideoReader
+from image_to_video import main
+from modules.build import build_engine
+from modules.pipeline import SVDPipeline
+
+TINY = "configs/tiny/svd_tiny.yaml"
+FAST = ["--SVD.config", TINY, "--SVD.sampling_steps", "2"]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_generates_a_playable_mp4_with_sidecar(image, tmp_path):
+    out = tmp_path / "out"
+    code = main(["--image", image, "--output_dir", str(out), "--SVD.num_frames", "5", "--SVD.fps", "9", *FAST])
+    assert code == 0
+    video = out / "in_42.mp4"
+    reader = VideoReader(str(video))
+    assert len(reader) == 5 and reader.fps == pytest.approx(9.0)
+    assert reader.get([0]).shape == (1, 64, 128, 3)
+    side = json.loads((out / "in_42.json").read_text())
+    assert side["seed"] == 42 and side["args"]["SVD"]["num_frames"] == 5 and side["num_frames"] == 5
+    assert set(side["timings_s"]) == {"conditioning", "sampling", "decoding"}
+    assert sorted(os.listdir(out)) == ["in_42.json", "in_42.mp4"]
+
+    # the sidecar reproduces the video exactly
+    again = tmp_path / "again"
+    assert main(["--reproduce", str(out / "in_42.json"), "--output_dir", str(again)]) == 0
+    a = VideoReader(str(video)).get(range(5))
+    b = VideoReader(str(again / "in_42.mp4")).get(range(5))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gif_frames_and_several_videos(image, tmp_path):
+    out = tmp_path / "out"
+    args = ["--image", image, "--output_dir", str(out), "--SVD.num_frames", "3", *FAST]
+    assert main(args + ["--output_format", "gif", "--SVD.num_videos", "2"]) == 0
+    assert sorted(os.listdir(out)) == ["in_42.gif", "in_42.json", "in_43.gif", "in_43.json"]
+    with Image.open(out / "in_42.gif") as g:
+        assert g.n_frames == 3
+    assert main(args + ["--output_format", "frames", "--seed", "7"]) == 0
+    assert sorted(os.listdir(out / "in_7")) == ["000000.png", "000001.png", "000002.png"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return SVDPipeline(build_engine(TINY), verbose=False)
+
+
+def test_same_seed_same_frames_and_uneven_decode_chunks(pipe):
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    kwargs = dict(num_frames=5, num_inference_steps=2, seed=3, output_type="np")
+    a = pipe(img, **kwargs).frames
+    b = pipe(img, **kwargs).frames
+    np.testing.assert_array_equal(a, b)
+    for chunk in (1, 2, 3, 5):  # 2 and 3 do not divide 5: the last chunk is shorter
+        c = pipe(img, decode_chunk_size=chunk, **kwargs).frames
+        assert c.shape == (1, 5, 64, 64, 3)
+    # the temporal decoder mixes the frames of a chunk, so chunking changes the result (a little)
+    assert not np.array_equal(a, pipe(img, decode_chunk_size=2, **kwargs).frames)
+    assert not np.array_equal(a, pipe(img, **{**kwargs, "seed": 4}).frames)
+
+
+def test_o0_and_o2_both_run(image, tmp_path):
+    img = np.asarray(Image.open(image))
+    ref = SVDPipeline(build_engine(TINY), verbose=False)(img, num_frames=3, num_inference_steps=2, seed=1)
+    o2 = SVDPipeline(build_engine(TINY), amp_level="O2", verbose=False)
+    assert o2.engine.unet.input_blocks[0][0].weight.dtype == ms.float16
+    out = o2(img, num_frames=3, num_inference_steps=2, seed=1)
+    assert out.frames.shape == ref.frames.shape and out.frames.dtype == np.uint8
+    assert main(["--image", image, "--output_dir", str(tmp_path), "--SVD.amp_level", "O2", *FAST]) == 0
+
+
+def test_forward_chunking_and_crop_to_size(image, tmp_path):
+    args = ["--image", image, "--output_dir", str(tmp_path), "--SVD.num_frames", "2", *FAST]
+    assert main(args + ["--SVD.forward_chunk_size", "7", "--SVD.width", "64", "--SVD.height", "64"]) == 0
+    assert VideoReader(str(tmp_path / "in_42.mp4")).get([0]).shape == (1, 64, 64, 3)
+
+
+def bad_inputs(tmp_path, image):
+    """(name, extra argv, expected message part) for each bad input of the issue."""
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    small = tmp_path / "small.png"
+    Image.new("RGB", (32, 40)).save(small)
+    good_ckpt = tmp_path / "w.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"model.diffusion_model.bogus.weight": np.zeros(2, np.float32)}, str(good_ckpt))
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(good_ckpt.read_bytes()[:-4])
+    return [
+        ("missing", ["--image", str(tmp_path / "nope.png")], "image not found"),
+        ("not an image", ["--image", str(text)], "not a readable image"),
+        ("too small", ["--image", str(small)], "at least 64x64"),
+        ("wrong checkpoint", ["--image", image, "--SVD.checkpoint", str(good_ckpt)], "does not match the model"),
+        ("truncated", ["--image", image, "--SVD.checkpoint", str(truncated)], "truncated"),
+        ("no frames", ["--image", image, "--SVD.num_frames", "0"], "num_frames must be at least 1"),
+        ("chunk 0", ["--image", image, "--SVD.decode_chunk_size", "0"], "decode_chunk_size must be between"),
+        ("chunk > frames", ["--image", image, "--SVD.decode_chunk_size", "9"], "decode_chunk_size must be between"),
+    ]
+
+
+def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, image, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.mp4").write_bytes(b"x")
+    for name, argv, message in bad_inputs(tmp_path, image):
+        code = main(argv + ["--output_dir", str(out), *FAST])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0, name
+        assert err and err[-1].startswith("error: ") and message in err[-1], (name, err[-3:])
+        assert os.listdir(out) == ["earlier.mp4"], name
+    # the wrong checkpoint names the first missing and unexpected keys
+    _, argv, _ = bad_inputs(tmp_path, image)[3]
+    main(argv + ["--output_dir", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert "bogus" in err and "missing parameter" in err
+
+
+def test_cli_exit_code_and_single_line_error(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "image_to_video.py", "--image", str(tmp_path / "nope.png"), "--output_dir", str(out), *FAST],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: image not found: {tmp_path / 'nope.png'}"
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_unusual_values_warn_and_proceed(image, tmp_path, caplog):
+    args = ["--image", image, "--output_dir", str(tmp_path), "--SVD.num_frames", "2", *FAST]
+    assert main(args + ["--SVD.fps", "40", "--SVD.motion_bucket_id", "300"]) == 0
+    assert "fps 40 is outside 5-30" in caplog.text and "motion_bucket_id 300" in caplog.text
+    assert (tmp_path / "in_42.mp4").is_file()
