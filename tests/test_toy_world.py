@@ -1,0 +1,29 @@
+"""The toy world's clips and the dataset written from them."""
+
+import numpy as np
+import pandas as pd
+
+from svd_tools.make_toy_dataset import main as make_toy_dataset
+from svd_tools.toy_world import render_clip
+
+
+def test_clips_are_seeded_and_move_at_their_speed():
+    a, speed = render_clip(3, num_frames=6, size=64, speed=2.0)
+    b, _ = render_clip(3, num_frames=6, size=64, speed=2.0)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 64, 64, 3) and a.dtype == np.uint8 and speed == 2.0
+    still, _ = render_clip(3, num_frames=6, size=64, speed=0.0)
+    assert np.all(still == still[0])
+    assert np.abs(a[-1].astype(int) - a[0]).max() > 50  # the shapes moved
+
+
+def test_dataset_buckets_follow_the_true_speed(tmp_path):
+    assert make_toy_dataset(["--out", str(tmp_path), "--videos", "14", "--frames", "16", "--heldout", "2"]) == 0
+    rows = pd.read_csv(tmp_path / "videos.csv")
+    assert list(rows.columns) == ["path", "length", "fps", "motion_score", "motion_bucket_id"]
+    assert len(rows) == 14 and (rows["length"] == 16).all()
+    speed = np.array([render_clip(int(p.split(".")[0]), 1)[1] for p in rows["path"]])
+    buckets = rows["motion_bucket_id"].to_numpy()
+    assert (speed == 0).any() and (speed >= 1.5).any()
+    assert buckets[speed == 0].max() < buckets[speed >= 1.5].min()
+    assert len(list((tmp_path / "heldout").glob("*.png"))) == 2
