@@ -99,6 +99,9 @@ class AlphaBlender(nn.Cell):
 
     def construct(self, x_spatial: Tensor, x_temporal: Tensor, image_only_indicator: Tensor | None = None) -> Tensor:
         alpha = self.get_alpha(image_only_indicator, x_spatial.ndim).astype(x_spatial.dtype)
+        if alpha.size > 1:
+            # per-frame alpha: broadcast explicitly (see layers.GroupNorm on broadcasting arithmetic in graph mode)
+            alpha = ops.broadcast_to(alpha, x_spatial.shape)
         return alpha * x_spatial + (1.0 - alpha) * x_temporal
 
 
@@ -399,7 +402,8 @@ class SpatialVideoTransformer(SpatialTransformer):
         frames = ops.arange(0, num_frames, dtype=ms.float32)
         t_emb = timestep_embedding(frames, self.in_channels, max_period=self.max_time_embed_period)
         emb = self.time_pos_embed(t_emb.astype(x.dtype))
-        emb = ops.tile(emb, (b, 1)).reshape(bt, 1, -1)
+        emb = ops.broadcast_to(emb.reshape(1, num_frames, 1, -1), (b, num_frames, h * w, emb.shape[-1]))
+        emb = emb.reshape(x.shape)  # (b t) (h w) c, explicit (see layers.GroupNorm on broadcasting arithmetic)
 
         for i in range(self.depth):
             x = self.transformer_blocks[i](x, context)

@@ -61,7 +61,7 @@ class GELU(nn.Cell):
 class GroupNorm(nn.Cell):
     """GroupNorm over (N, C, *) with per-channel affine `weight`/`bias`.
 
-    Each group is normalised as one row of a LayerNorm over (N*G, C/G * spatial), which is much faster on CPU than
+    Each group is normalised as one row of a LayerNorm over (N, G, C/G * spatial), which is much faster on CPU than
     the dedicated GroupNorm kernel. Statistics are taken in float32.
     """
 
@@ -73,6 +73,7 @@ class GroupNorm(nn.Cell):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
+        self.layer_norm = ops.LayerNorm(2, 1, eps)
         if affine:
             self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
             self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
@@ -80,17 +81,21 @@ class GroupNorm(nn.Cell):
     def construct(self, x):
         shape = x.shape
         dtype = x.dtype
-        n = shape[0]
-        xr = x.astype(ms.float32).reshape(n * self.num_groups, -1)
-        length = xr.shape[1]
-        ones = ops.ones((length,), ms.float32)
-        zeros = ops.zeros((length,), ms.float32)
-        y, _, _ = ops.LayerNorm(1, 1, self.eps)(xr, ones, zeros)
-        y = y.reshape(shape)
+        g = self.num_groups
+        # n c *s -> n g (c/g s): LayerNorm over the last axis, with the per-channel affine spread over each group's
+        # positions as LayerNorm's elementwise scale and shift (one pass, and no broadcasting arithmetic, whose CPU
+        # kernels keep index tables as large as their output in graph mode)
+        xr = x.astype(ms.float32).reshape(shape[0], g, -1)
+        length = xr.shape[2]
         if self.affine:
-            bshape = (1, self.num_channels) + (1,) * (len(shape) - 2)
-            y = y * self.weight.astype(ms.float32).reshape(bshape) + self.bias.astype(ms.float32).reshape(bshape)
-        return y.astype(dtype)
+            spread = (g, self.num_channels // g, length * g // self.num_channels)
+            weight = ops.broadcast_to(self.weight.astype(ms.float32).reshape(spread[:2] + (1,)), spread)
+            bias = ops.broadcast_to(self.bias.astype(ms.float32).reshape(spread[:2] + (1,)), spread)
+            weight, bias = weight.reshape(g, length), bias.reshape(g, length)
+        else:
+            weight, bias = ops.ones((g, length), ms.float32), ops.zeros((g, length), ms.float32)
+        y, _, _ = self.layer_norm(xr, weight, bias)
+        return y.reshape(shape).astype(dtype)
 
 
 class LayerNorm(nn.Cell):
@@ -130,12 +135,13 @@ class Linear(nn.Cell):
         if bias:
             self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32), name="bias")
         self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         shape = x.shape
         y = self.matmul(x.reshape(-1, shape[-1]), self.weight.astype(x.dtype))
         if self.has_bias:
-            y = y + self.bias.astype(x.dtype)
+            y = self.bias_add(y, self.bias.astype(x.dtype))  # not `y + bias`: see GroupNorm on broadcasting
         return y.reshape(shape[:-1] + (self.out_features,))
 
 

@@ -173,7 +173,8 @@ class ResBlock(nn.Cell):
             for i in range(1, 4):
                 h = self.out_layers[i](h)
         else:
-            h = self.out_layers(h + emb_out)
+            # explicit broadcast: see layers.GroupNorm on broadcasting arithmetic in graph mode
+            h = self.out_layers(h + ops.broadcast_to(emb_out, h.shape))
         return self.skip_connection(x) + h
 
 

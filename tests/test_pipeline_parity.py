@@ -6,80 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.models import tiny_diffusers_pipeline
 from modules.build import build_engine
 from modules.pipeline import SVDPipeline
-from tests.conftest import SVD_SCHEDULER_CONFIG, rel_err
+from tests.conftest import rel_err
 
 TINY = "configs/tiny/svd_tiny.yaml"
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random, zero-initialised output layers and mix factors included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.2))
-
-
-def tiny_diffusers_pipeline(path):
-    """A tiny random-weight diffusers SVD pipeline matching configs/tiny/svd_tiny.yaml, saved under `path`."""
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=8,
-        in_channels=8,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64),
-        addition_time_embed_dim=16,
-        projection_class_embeddings_input_dim=48,
-        layers_per_block=2,
-        cross_attention_dim=32,
-        transformer_layers_per_block=1,
-        num_attention_heads=(2, 4),
-        num_frames=4,
-    )
-    vae = AutoencoderKLTemporalDecoder(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=64,
-    )
-    clip = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            image_size=224,
-            patch_size=32,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-        )
-    )
-    for i, m in enumerate((unet, vae, clip)):
-        randomize(m, i)
-    pipe = StableVideoDiffusionPipeline(
-        vae=vae,
-        image_encoder=clip,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
-        feature_extractor=CLIPImageProcessor(),
-    )
-    pipe.save_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks against PyTorch diffusers (see README, Performance)."""
