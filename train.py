@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = min(total_steps, t.max_steps or total_steps)
         loss_scale = LossScaleSettings(**vars(args.LossScale)) if half and t.amp_dtype == "fp16" else None
         trainer = Trainer(
-            engine, params, dataset.frames, lr_schedule(t.scheduler, total_steps), t.optimizer, t.settings,
+            engine, params, dataset.frames, lr_schedule(t.scheduler, stop), t.optimizer, t.settings,
             loss_scale, t.ema_decay, seed, rank, world,
         )  # fmt: skip
         step, epoch, batch_idx = 0, 0, 0

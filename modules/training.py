@@ -120,7 +120,12 @@ def build_parser():
     parser.add_function_arguments(init_env, "environment")
     add = parser.add_argument
     add("--train.epochs", type=int, default=10, help="passes over each device's shard of the dataset")
-    add("--train.max_steps", type=Optional[int], default=None, help="stop after this many optimizer steps")
+    add(
+        "--train.max_steps",
+        type=Optional[int],
+        default=None,
+        help="end the run after this many optimizer steps (the learning-rate schedule spans them)",
+    )
     add("--train.temporal_only", type=bool, default=True, help="train only the UNet's temporal layers")
     add(
         "--train.pretrained",
