@@ -23,6 +23,7 @@ from modules.layers import (
     Linear,
     SiLU,
     attention,
+    default_norm_groups,
     timestep_embedding,
     zero_module,
 )
@@ -230,7 +231,7 @@ class SpatialTransformer(nn.Cell):
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = GroupNorm(32, in_channels, eps=1e-6)
+        self.norm = GroupNorm(default_norm_groups(), in_channels, eps=1e-6)
         self.proj_in = Linear(in_channels, inner_dim) if use_linear else Conv2d(in_channels, inner_dim, 1)
         self.transformer_blocks = nn.CellList([
             BasicTransformerBlock(

@@ -19,7 +19,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from modules.config import instantiate
-from modules.layers import Conv2d, GroupNorm, Identity, Linear, SiLU, upsample_nearest2x
+from modules.layers import Conv2d, GroupNorm, Identity, Linear, SiLU, default_norm_groups, upsample_nearest2x
 
 __all__ = [
     "Normalize",
@@ -49,9 +49,9 @@ def _check_training_only(owner: str, kwargs: dict) -> None:
         raise TypeError(f"{owner} got unexpected arguments {unknown}")
 
 
-def Normalize(channels: int, num_groups: int = 32) -> GroupNorm:  # noqa: N802 (sgm's name)
-    """The VAE normalisation: GroupNorm(32) with eps 1e-6."""
-    return GroupNorm(num_groups, channels, eps=1e-6)
+def Normalize(channels: int, num_groups: int | None = None) -> GroupNorm:  # noqa: N802 (sgm's name)
+    """The VAE normalisation: GroupNorm(32) with eps 1e-6 (see layers.norm_groups for narrow models)."""
+    return GroupNorm(num_groups or default_norm_groups(), channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Cell):

@@ -9,6 +9,7 @@ from mindspore.nn.utils import no_init_parameters
 from omegaconf import DictConfig
 
 from modules.config import instantiate, load_config, to_container
+from modules.layers import norm_groups
 
 
 def build_engine(
@@ -28,10 +29,12 @@ def build_engine(
     params = dict(model_cfg.get("params") or {})
     for key in drop:
         params.pop(key, None)
+    groups = int(params.pop("norm_num_groups", 32))  # GroupNorm groups of every network (32 in SVD)
     node = {"target": model_cfg["target"], "params": params}
     if checkpoint is None and not lazy:
-        return instantiate(node)
-    with no_init_parameters():
+        with norm_groups(groups):
+            return instantiate(node)
+    with no_init_parameters(), norm_groups(groups):
         engine = instantiate(node)
     if checkpoint is not None:
         from modules.convert.load import load_checkpoint

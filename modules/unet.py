@@ -20,6 +20,7 @@ from modules.layers import (
     Linear,
     SiLU,
     TemporalConv,
+    default_norm_groups,
     timestep_embedding,
     upsample_nearest2x,
     zero_module,
@@ -40,7 +41,7 @@ TEMPORAL_KEYWORDS = ("time_stack", "time_mixer", "time_pos_embed")
 
 
 def _norm(channels: int) -> GroupNorm:
-    return GroupNorm(32, channels, eps=1e-5)  # sgm `normalization`
+    return GroupNorm(default_norm_groups(), channels, eps=1e-5)  # sgm `normalization` (32 groups)
 
 
 def _conv(dims: int, cin: int, cout: int, kernel: int | Sequence[int], stride: int = 1) -> nn.Cell:

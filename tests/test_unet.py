@@ -410,3 +410,19 @@ def test_recompute_keeps_gradients():
         if not any(k in name for k in ("norm2", "attn2.to_q", "attn2.to_k")):
             assert np.abs(g0.asnumpy()).max() > 0, name
         np.testing.assert_allclose(g1.asnumpy(), g0.asnumpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_norm_num_groups_reaches_every_group_norm():
+    """`norm_num_groups` in a model config sets the groups of every GroupNorm it builds; SVD's configs keep 32."""
+    from modules.build import build_engine
+    from modules.config import load_config, to_container
+    from modules.layers import GroupNorm, default_norm_groups
+
+    def groups(engine):
+        return {c.num_groups for _, c in engine.cells_and_names() if isinstance(c, GroupNorm)}
+
+    cfg = to_container(load_config("configs/tiny/svd_tiny.yaml"))
+    assert groups(build_engine(cfg, lazy=True)) == {32}
+    cfg["model"]["params"]["norm_num_groups"] = 8
+    assert groups(build_engine(cfg, lazy=True)) == {8}
+    assert default_norm_groups() == 32  # the setting does not leak out of the build
