@@ -1,83 +1,42 @@
-"""Training speed and peak memory of the fine-tuning step, on random clips and random weights.
+"""One fine-tuning step (temporal layers only by default) on a random clip with random weights: ours (train.py's
+Trainer: VAE sample and conditioner outside the gradient, then the compiled loss, gradients and AdamW) against the
+same step written with diffusers and torch.optim.AdamW, as the public SVD fine-tuning scripts do.
 
-    python benchmarks/bench_train.py                     # the tiny and the small config, each in a fresh process
-    python benchmarks/bench_train.py --config configs/tiny/svd_small.yaml --frames 8 --height 128 --width 128 --mode 0
+    python benchmarks/bench_train.py                      # the tiny config, 4 frames of 64x64
+    python benchmarks/bench_train.py --preset svd         # the real SVD (1.5 B UNet), 14 frames of 128x128
+    python benchmarks/bench_train.py --config configs/tiny/svd_small.yaml --frames 8 --height 128 --width 128
+    python benchmarks/bench_train.py --side ours --full_unet --recompute     # ours only, other settings
 
-One step is what train.py does per optimizer step without video decoding: the VAE posterior sample and the
-conditioner outside the gradient, then the compiled loss + gradient + AdamW step. The first steps (graph compilation
-in mode 0) are timed apart and left out of steps/s. Peak memory is the process's (modules.memory.peak_memory_mb:
-device memory on GPU/Ascend, resident memory on CPU), which is why every case runs in its own process.
-
-A reference framework plugs in as another entry of FRAMEWORKS: a function taking the Case and returning a Result
-(e.g. diffusers' UNetSpatioTemporalConditionModel with torch.optim.AdamW, built by benchmarks/models.py from the
-same config).
+Both sides: one clip per step, one sigma per clip from the config's log-normal, EDM weighting, v-prediction, AdamW
+(lr 1e-5, betas 0.9/0.999, weight decay 0.01), no accumulation, fp32. The last line is `ours_s=... ref_s=...
+ratio=...` (median seconds per optimizer step); the trained parameter counts of both sides are printed to compare.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
-PRESETS = {
-    "tiny": dict(config="configs/tiny/svd_tiny.yaml", frames=4, height=64, width=64),
-    "small": dict(config="configs/tiny/svd_small.yaml", frames=8, height=128, width=128),
-}
+from benchmarks import harness
+from benchmarks.harness import Case, Measurement
+from benchmarks.models import model_params
+
+# diffusers' names of the temporal layers (ours: modules.unet.TEMPORAL_KEYWORDS)
+DIFFUSERS_TEMPORAL = ("temporal_res_block", "temporal_transformer_blocks", "time_pos_embed", "time_mixer")
 
 
-@dataclass
-class Case:
-    config: str
-    frames: int
-    height: int
-    width: int
-    mode: int = 0
-    batch_size: int = 1
-    steps: int = 5
-    warmup: int = 2
-    temporal_only: bool = True
-    accumulation: int = 1
-    amp_level: str = "O0"
-    recompute: bool = False
+def clip(case: Case) -> np.ndarray:
+    """(frames, 3, H, W) in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1, 1, (case.frames, 3, case.height, case.width)).astype(np.float32)
 
 
-@dataclass
-class Result:
-    framework: str
-    device: str
-    trainable_params: int
-    first_steps_s: float  # the warm-up steps, compilation included
-    step_s: float  # mean over the timed steps
-    steps_per_s: float
-    conditioning_s: float  # of step_s: VAE sample + conditioner, outside the gradient
-    peak_memory_mb: float
-
-
-def random_batch(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    b, t = case.batch_size, case.frames
-    frames = rng.uniform(-1, 1, (b, t, 3, case.height, case.width)).astype(np.float32)
-    return {
-        "frames": frames,
-        "cond_frames_without_noise": frames[:, 0].copy(),
-        "cond_frames": frames[:, 0] + 0.02 * rng.standard_normal(frames[:, 0].shape, dtype=np.float32),
-        "fps_id": np.full((b,), 6.0, np.float32),
-        "motion_bucket_id": np.full((b,), 127.0, np.float32),
-        "cond_aug": np.full((b,), 0.02, np.float32),
-    }
-
-
-def bench_mindspore(case: Case) -> Result:
+def ours(case: Case) -> Measurement:
     import mindspore as ms
     from mindspore import Tensor
 
-    from modules.env import init_env
+    harness.mindspore_setup(case)
     from modules.memory import peak_memory_mb
     from modules.training import (
         OptimizerSettings,
@@ -90,106 +49,98 @@ def bench_mindspore(case: Case) -> Result:
         select_trainable,
     )
 
-    init_env(mode=case.mode, seed=0)
-    engine = build_training_engine(case.config, None, case.recompute, 0.1)
+    engine = build_training_engine(case.config, None, case.extra["recompute"], 0.1)
     rng = np.random.default_rng(0)
     for p in engine.unet.get_parameters():  # fill zero-initialised layers so that every layer gets gradients
         if not p.asnumpy().any():
             p.set_data(Tensor(rng.normal(0.0, 0.02, p.shape).astype(np.float32)))
-    if case.amp_level == "O2":
-        engine.compute_dtype = ms.float16
-    params = select_trainable(engine, case.temporal_only)
-    total = (case.warmup + case.steps) * 2
-    lr = lr_schedule(SchedulerSettings(name="constant", lr=1e-5), total)
-    trainer = Trainer(engine, params, case.frames, lr, OptimizerSettings(),
-                      StepSettings(gradient_accumulation_steps=case.accumulation))  # fmt: skip
-    batch = random_batch(case, rng)
+    params = select_trainable(engine, not case.extra["full_unet"])
+    steps = case.warmup + case.runs + 1
+    lr = lr_schedule(SchedulerSettings(name="constant", lr=1e-5), steps)
+    trainer = Trainer(engine, params, case.frames, lr, OptimizerSettings(betas=[0.9, 0.999]), StepSettings())
+    frames = clip(case)
+    batch = {
+        "frames": frames[None],
+        "cond_frames_without_noise": frames[:1],
+        "cond_frames": frames[:1] + 0.02 * rng.standard_normal(frames[:1].shape, dtype=np.float32),
+        "fps_id": np.full((1,), 6.0, np.float32),
+        "motion_bucket_id": np.full((1,), 127.0, np.float32),
+        "cond_aug": np.full((1,), 0.02, np.float32),
+    }
+    step = [0]
 
-    def one_step(step: int) -> float:
-        """An optimizer step; returns the seconds spent outside the gradient."""
-        cond = 0.0
-        for micro in range(case.accumulation):
-            start = time.perf_counter()
-            inputs = trainer.prepare(batch, trainer.rng(step, micro))
-            cond += time.perf_counter() - start
-            trainer.micro_step(inputs)
-        return cond
+    def run():
+        result = trainer.train_batch(batch, step[0])
+        step[0] += 1
+        return result
 
-    start = time.perf_counter()
-    for s in range(case.warmup):
-        one_step(s)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    cond = sum(one_step(case.warmup + s) for s in range(case.steps))
-    step_s = (time.perf_counter() - start) / case.steps
-    return Result(
-        framework="mindspore",
-        device=ms.get_context("device_target"),
-        trainable_params=param_count(params),
-        first_steps_s=first,
-        step_s=step_s,
-        steps_per_s=1.0 / step_s,
-        conditioning_s=cond / case.steps,
-        peak_memory_mb=peak_memory_mb(),
-    )
-
-
-FRAMEWORKS: dict[str, Callable[[Case], Result]] = {"mindspore": bench_mindspore}
-
-
-def describe(case: Case, r: Result) -> str:
-    what = f"{os.path.basename(case.config)} {case.batch_size}x{case.frames}x{case.width}x{case.height}"
-    how = f"mode {case.mode}, {'temporal' if case.temporal_only else 'full UNet'}, {case.amp_level}"
-    return (
-        f"{what} | {how} | {r.framework} on {r.device}, {r.trainable_params / 1e6:.2f}M trained | "
-        f"first {case.warmup} steps {r.first_steps_s:.1f} s | {r.steps_per_s:.3f} steps/s ({r.step_s:.2f} s/step, "
-        f"conditioning {r.conditioning_s:.2f} s) | peak memory {r.peak_memory_mb:.0f} MiB"
-    )
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="model config; without it, the tiny and small presets run in turn")
-    parser.add_argument("--frames", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--mode", type=int, default=0, help="0: graph mode, 1: PyNative")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation)")
-    parser.add_argument("--full_unet", action="store_true", help="train the whole UNet, not only temporal layers")
-    parser.add_argument("--accumulation", type=int, default=1)
-    parser.add_argument("--amp_level", choices=["O0", "O2"], default="O0")
-    parser.add_argument("--recompute", action="store_true")
-    parser.add_argument("--framework", choices=sorted(FRAMEWORKS), default="mindspore")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per case instead")
-    args = parser.parse_args()
-    common = dict(
-        mode=args.mode, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-        temporal_only=not args.full_unet, accumulation=args.accumulation, amp_level=args.amp_level,
-        recompute=args.recompute,
+    times, first = harness.timed(run, case.runs, case.warmup)
+    return Measurement(
+        times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops(),
+        notes={"trained_params": param_count(params), "device": ms.get_context("device_target")},
     )  # fmt: skip
 
-    if args.config is None:  # each preset in a fresh process: peak memory is per process
-        for name, preset in PRESETS.items():
-            sizes = {k: getattr(args, k) or preset[k] for k in ("frames", "height", "width")}
-            flags = [f"--config={preset['config']}"] + [f"--{k}={v}" for k, v in sizes.items()]
-            code = subprocess.call([sys.executable, __file__, *flags, *sys.argv[1:]])
-            if code:
-                print(f"{name}: failed with exit code {code}", file=sys.stderr)
-                return code
-        return 0
 
-    preset = next((p for p in PRESETS.values() if p["config"] == args.config), {})
-    sizes = {k: getattr(args, k) or preset.get(k) for k in ("frames", "height", "width")}
-    missing = [k for k, v in sizes.items() if v is None]
-    if missing:
-        parser.error(f"--{', --'.join(missing)} needed with a config that is not a preset")
-    case = Case(config=args.config, **sizes, **common)
-    result = FRAMEWORKS[args.framework](case)
-    print(json.dumps({"case": asdict(case), "result": asdict(result)}) if args.json else describe(case, result))
-    return 0
+def ref(case: Case) -> Measurement:
+    import torch
+
+    harness.torch_setup(case)
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
+    from benchmarks.models import diffusers_pipeline
+
+    pipe = diffusers_pipeline(case.config)
+    unet, vae, image_encoder = pipe.unet, pipe.vae, pipe.image_encoder
+    if case.extra["recompute"]:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    for name, p in unet.named_parameters():
+        p.requires_grad_(case.extra["full_unet"] or any(k in name for k in DIFFUSERS_TEMPORAL))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    sampler = model_params(case.config)["sigma_sampler_config"]["params"]
+    scale = model_params(case.config)["scale_factor"]
+    frames = torch.from_numpy(clip(case))
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        with torch.no_grad():  # frozen parts: VAE sample, CLIP embedding, conditioning-frame latent
+            latents = vae.encode(frames).latent_dist.sample(gen)[None] * scale  # 1 t c h w
+            small = _resize_with_antialiasing(frames[:1], (224, 224))  # the pipeline's CLIP preprocessing
+            image = pipe._encode_image((small + 1) / 2, "cpu", 1, False)
+            cond = vae.encode(frames[:1] + 0.02 * torch.randn(frames[:1].shape, generator=gen)).latent_dist.mode()
+            cond = cond[None].repeat(1, case.frames, 1, 1, 1)
+        log_sigma = sampler["p_mean"] + sampler["p_std"] * torch.randn((1, 1, 1, 1, 1), generator=gen)
+        sigma = log_sigma.exp()
+        noise = torch.randn(latents.shape, generator=gen)
+        noised = latents + noise * sigma
+        c_in, c_skip, c_out = 1 / (sigma**2 + 1).sqrt(), 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1).sqrt()
+        time_ids = torch.tensor([[6.0, 127.0, 0.02]])
+        v = unet(torch.cat([noised * c_in, cond], 2), 0.25 * log_sigma.flatten(), image, time_ids).sample
+        pred = v * c_out + noised * c_skip
+        weight = (sigma**2 + 1) / sigma**2
+        loss = (weight * (pred - latents) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    times, first = harness.timed(run, case.runs, case.warmup)
+    return Measurement(
+        times, first, harness.torch_peak_mb(), matmul_gflops=harness.torch_matmul_gflops(),
+        notes={"trained_params": sum(p.numel() for p in params)},
+    )  # fmt: skip
+
+
+def describe(case: Case) -> str:
+    what = "whole UNet" if case.extra["full_unet"] else "temporal layers"
+    how = ", recompute" if case.extra["recompute"] else ""
+    return f"training step ({what}{how}): {case.config}, 1 clip of {case.frames} frames of {case.height}x{case.width}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = harness.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--full_unet", action="store_true", help="train the whole UNet, not only temporal layers")
+    parser.add_argument("--recompute", action="store_true", help="activation checkpointing on both sides")
+    sys.exit(harness.main(parser, ours, ref, ("full_unet", "recompute"), describe))
