@@ -90,7 +90,7 @@ def ref(case: Case) -> Measurement:
     from benchmarks.models import diffusers_pipeline
 
     pipe = diffusers_pipeline(case.config)
-    unet, vae, image_encoder = pipe.unet, pipe.vae, pipe.image_encoder
+    unet, vae = pipe.unet, pipe.vae
     if case.extra["recompute"]:
         unet.enable_gradient_checkpointing()
     unet.train()
