@@ -1,0 +1,151 @@
+"""Train the first stage (VAE encoder and temporal decoder) of a small SVD config on a video dataset.
+
+    python svd_tools/train_toy_vae.py --config configs/toy/svd_toy.yaml --data_dir DIR --metadata FILE.csv \
+        --out engine_init.ckpt
+
+The loss is L1 + L2 reconstruction of short clips plus a small KL term on the sampled posterior. `--crop 32` trains
+on random 32x32 windows of the frames, four times cheaper per step than whole 64x64 frames (the encoder and decoder
+are convolutional and then run on whole frames); `--init` continues from an earlier run's checkpoint. The trained
+encoder is also copied into the conditioner's frame encoder (with an identity quant conv), the UNet and the CLIP
+tower keep their seeded random initialisation, and the whole engine is written as one checkpoint: the starting
+point for training the UNet from scratch with train.py. The latent std printed at the end gives the config's
+`scale_factor` (1 / std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import mindspore as ms
+import numpy as np
+import pandas as pd
+from mindspore import Tensor, nn, ops
+
+from data.video_io import VideoReader
+from modules.build import build_engine
+from modules.env import init_env
+
+
+def load_videos(data_dir: str, metadata: str, max_videos: int | None) -> list[np.ndarray]:
+    rows = pd.read_csv(metadata)
+    videos = []
+    for path in rows["path"][:max_videos]:
+        r = VideoReader(os.path.join(data_dir, path))
+        videos.append(r.get(range(len(r))))
+    return videos
+
+
+def sample_clips(videos, rng: np.random.Generator, batch: int, frames: int, crop: int | None = None) -> np.ndarray:
+    """(batch * frames, 3, H, W) float32 in [-1, 1], `frames` consecutive frames per clip, optionally a random
+    crop x crop window of each clip."""
+    out = []
+    for i in rng.integers(0, len(videos), batch):
+        v = videos[i]
+        s = rng.integers(0, len(v) - frames + 1)
+        clip = v[s : s + frames]
+        if crop:
+            y, x = rng.integers(0, clip.shape[1] - crop + 1), rng.integers(0, clip.shape[2] - crop + 1)
+            clip = clip[:, y : y + crop, x : x + crop]
+        out.append(clip)
+    x = np.concatenate(out).astype(np.float32) / 127.5 - 1.0
+    return x.transpose(0, 3, 1, 2)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images in [-1, 1]."""
+    mse = np.mean(((a + 1) / 2 - (b + 1) / 2) ** 2)
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--metadata", required=True)
+    p.add_argument("--out", required=True, help="engine checkpoint to write")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=4, help="clips per step")
+    p.add_argument("--frames", type=int, default=4, help="frames per clip (the temporal decoder's window)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="train on random crops of this size (the networks are convolutional; cheaper steps)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--max_videos", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue from this engine checkpoint (e.g. a first, faster phase)")
+    p.add_argument("--mode", type=int, default=0, help="0 graph, 1 PyNative")
+    p.add_argument("--log_every", type=int, default=50, help="print the loss every this many steps")
+    args = p.parse_args(argv)
+
+    init_env(mode=args.mode, seed=args.seed)
+    videos = load_videos(args.data_dir, args.metadata, args.max_videos)
+    engine = build_engine(args.config, args.init)
+    vae = engine.first_stage_model
+    for q in vae.get_parameters():
+        q.requires_grad = True
+    params = vae.trainable_params()
+    lr = nn.cosine_decay_lr(args.lr * 0.05, args.lr, args.steps, 1, args.steps)
+    opt = nn.AdamWeightDecay(params, learning_rate=lr, weight_decay=0.0)
+    t = args.frames
+
+    def forward(x, noise):
+        mean, logvar = ops.split(vae.encoder(x), 4, axis=1)
+        logvar = ops.clamp(logvar, -30.0, 20.0)
+        z = mean + ops.exp(0.5 * logvar) * noise
+        rec = vae.decoder(z, timesteps=t)
+        err = rec - x
+        kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).sum() / x.shape[0]
+        return ops.abs(err).mean() + (err * err).mean() + args.kl_weight * kl
+
+    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
+
+    @ms.jit
+    def train_step(x, noise):
+        loss, grads = grad_fn(x, noise)
+        opt(grads)
+        return loss
+
+    rng = np.random.default_rng(args.seed)
+    latent_hw = None
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        x = sample_clips(videos, rng, args.batch, t, args.crop)
+        if latent_hw is None:
+            f = engine.latent_factor
+            latent_hw = (x.shape[2] // f, x.shape[3] // f)
+        noise = rng.standard_normal((x.shape[0], 4) + latent_hw).astype(np.float32)
+        loss = train_step(Tensor(x), Tensor(noise))
+        if step % args.log_every == 0 or step == 1:
+            print(f"step {step} loss {float(loss.asnumpy()):.4f} {time.perf_counter() - start:.0f} s", flush=True)
+
+    vae.set_train(False)
+    x = sample_clips(videos, np.random.default_rng(args.seed + 1), 8, t)
+    z = engine.encode_first_stage(Tensor(x)).asnumpy() / engine.scale_factor
+    rec = engine.first_stage_model.decode(Tensor(z), timesteps=t).asnumpy()
+    print(f"reconstruction PSNR {psnr(rec, x):.2f} dB; latent std {z.std():.4f} -> scale_factor {1 / z.std():.4f}")
+
+    # the conditioner encodes the conditioning frame with the same encoder (mode, identity quant conv)
+    cond = next(e for e in engine.conditioner.embedders if hasattr(e, "encoder")).encoder
+    src = {q.name.split("first_stage_model.encoder.", 1)[1]: q for q in vae.encoder.get_parameters()}
+    for q in cond.encoder.get_parameters():
+        q.set_data(src[q.name.split(".encoder.encoder.", 1)[1]].data.copy())
+    c = cond.quant_conv.weight.shape[0]
+    cond.quant_conv.weight.set_data(Tensor(np.eye(c, dtype=np.float32).reshape(c, c, 1, 1)))
+    cond.quant_conv.bias.set_data(Tensor(np.zeros(c, np.float32)))
+
+    tmp = os.path.splitext(args.out)[0] + ".partial.ckpt"
+    ms.save_checkpoint([{"name": q.name, "data": q} for q in engine.get_parameters()], tmp)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

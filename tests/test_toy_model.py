@@ -1,0 +1,49 @@
+"""The committed toy-world weights (assets/toy/, made by svd_tools/train_toy.py) have learnt the toy world: on
+first frames of clips that were never in the training set, generated videos keep the image, move the shapes as
+whole blobs, and move them faster at higher motion_bucket_id."""
+
+import os
+
+import numpy as np
+import pytest
+
+from modules.env import init_env
+from modules.pipeline import SVDPipeline
+from svd_tools.make_toy_dataset import HELDOUT_SEED
+from svd_tools.toy_eval import blobs, evaluate
+from svd_tools.toy_world import render_clip
+
+CONFIG = "configs/toy/svd_toy.yaml"
+WEIGHTS = "assets/toy/svd_toy.ckpt"
+BUCKETS = [10, 120, 230]
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(WEIGHTS), reason=f"{WEIGHTS} is not trained yet (python svd_tools/train_toy.py makes it)"
+)
+
+
+@pytest.fixture(scope="module")
+def report():
+    init_env(mode=1, seed=0)
+    pipe = SVDPipeline.from_config(CONFIG, WEIGHTS, verbose=False)
+    # unseen first frames: seeds far from the training ones (0..videos-1) and from the shipped held-out images
+    images = [render_clip(HELDOUT_SEED + 100 + k, 1, 64)[0][0] for k in range(3)]
+    assert all(blobs(img)[0] >= 1 for img in images)
+    return evaluate(pipe, images, BUCKETS, seeds=[0, 1])
+
+
+def test_first_frame_keeps_the_conditioning_image(report):
+    assert report["min_first_frame_psnr"] >= 20.0
+
+
+def test_shapes_stay_whole_blobs_of_about_the_same_area(report):
+    assert report["blobs_kept"], [(r["blobs_expected"], r["blobs_per_frame"]) for r in report["videos"]]
+    lo, hi = report["area_ratio_range"]
+    assert 0.6 <= lo and hi <= 1.5, report["area_ratio_range"]
+
+
+def test_motion_grows_with_the_motion_bucket(report):
+    flow = report["flow_by_bucket"]
+    assert report["flow_increases"], flow
+    assert flow[BUCKETS[-1]] > 1.5 * flow[BUCKETS[0]], flow  # a clear difference, not noise
+    assert np.isfinite(list(flow.values())).all()
