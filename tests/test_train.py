@@ -215,6 +215,20 @@ def test_msrun_two_workers_end_with_identical_weights(work):
     assert os.listdir(out / "validation") == ["step_00000002.mp4"]
 
 
+def test_a_csv_from_prepare_dataset_trains_as_is(work, tmp_path):
+    """svd_tools/prepare_dataset.py output (path,length,fps,motion_score,motion_bucket_id) is train.py's input."""
+    from svd_tools import prepare_dataset
+
+    data_dir, _ = work["videos"]
+    csv = tmp_path / "prepared.csv"
+    assert prepare_dataset.main(["--videos", data_dir, "--out", str(csv), "--no_progress"]) == 0
+    out = tmp_path / "run"
+    args = reference_args(work, out, (data_dir, str(csv)), epochs=1, mode=1)
+    run_train(work, args + ["--train.settings.gradient_accumulation_steps=1", "--train.max_steps=1"])
+    rows = read_log(out / "train_log.csv")
+    assert [int(r["step"]) for r in rows] == [1] and np.isfinite(float(rows[0]["loss"]))
+
+
 def test_bad_inputs_fail_with_one_line_and_write_nothing(work, tmp_path, capsys):
     data_dir, _ = work["videos"]
     bad_csv = tmp_path / "bad.csv"
