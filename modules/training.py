@@ -28,6 +28,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from data.video_io import atomic_path
+
 logger = logging.getLogger("train")
 
 CHECKPOINTS = "checkpoints"
@@ -237,10 +239,8 @@ def make_dataset(spec):
 
 def write_text(path: str, text: str) -> None:
     """Write a small text file atomically."""
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def build_training_engine(svd_config: str, pretrained: str | None, recompute: bool, ucg_rate: float | None):
@@ -797,13 +797,8 @@ def export_full(engine: nn.Cell, path: str, override: dict[str, Tensor] | None =
     """All engine weights as one MindSpore checkpoint (loadable with build_engine / image_to_video), atomically;
     `override` replaces some (e.g. EMA weights)."""
     override = override or {}
-    tmp = os.path.splitext(path)[0] + ".partial.ckpt"
-    try:
+    with atomic_path(path) as tmp:
         _save_ckpt([(p.name, override.get(p.name, p)) for p in engine.get_parameters()], tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -824,12 +819,10 @@ class StepLog:
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         # rewrite: steps after the checkpoint a run resumes from are dropped (they are trained again)
-        tmp = self.path + ".partial"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
         self.steps = [int(r["step"]) for r in rows]
         self.losses = [float(r["loss"]) for r in rows]
         self._file = open(self.path, "a", newline="")
@@ -885,9 +878,8 @@ def plot_loss(steps: list[int], losses: list[float], path: str, size: tuple[int,
         k = max(1, len(pts) // 20)
         mean = np.convolve(y[finite], np.ones(k) / k, mode="valid")
         draw.line([to_px(a, b) for a, b in zip(x[finite][k - 1 :], mean)], fill=(30, 80, 200), width=2)
-    tmp = path + ".partial.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

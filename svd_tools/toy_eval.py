@@ -24,10 +24,10 @@ SHAPE_THRESHOLD = 137  # between the darkest shape channel (150) and the brighte
 MIN_BLOB = 6  # pixels; smaller specks do not count as blobs
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images."""
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """PSNR in dB of two images whose values span `peak` (255 for uint8, 2 for [-1, 1])."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+    return float(10 * np.log10(peak**2 / max(mse, 1e-12 * peak**2)))
 
 
 def blobs(frame: np.ndarray) -> tuple[int, int]:

@@ -38,20 +38,6 @@ def run(cmd: list[str], log: str | None = None) -> None:
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def export_half(src: str, dst: str) -> None:
-    """The engine checkpoint with float32 tensors stored as float16 (loaded back as float32), written atomically."""
-    import mindspore as ms
-    import numpy as np
-
-    items = []
-    for name, value in ms.load_checkpoint(src).items():
-        a = value.asnumpy()
-        items.append({"name": name, "data": ms.Tensor(a.astype(np.float16) if a.dtype == np.float32 else a)})
-    tmp = os.path.splitext(dst)[0] + ".partial.ckpt"
-    ms.save_checkpoint(items, tmp)
-    os.replace(tmp, dst)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="output/toy", help="dataset, intermediate weights and the training run")
@@ -88,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         run(cmd)
 
     os.makedirs(args.assets, exist_ok=True)
-    export_half(final, os.path.join(args.assets, "svd_toy.ckpt"))
+    from svd_tools.convert import convert
+
+    if convert(final, MODEL, args.assets, dtype="fp16"):  # checked against the config, written as float16
+        return 1
+    os.replace(os.path.join(args.assets, "final.ckpt"), os.path.join(args.assets, "svd_toy.ckpt"))
     shutil.copyfile(os.path.join(work, "vae_train.log"), os.path.join(args.assets, "vae_train.log"))
     for name in ("train_log.csv", "loss.png", "config.yaml"):
         shutil.copyfile(os.path.join(run_dir, name), os.path.join(args.assets, f"unet_{name}"))

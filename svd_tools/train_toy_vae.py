@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 from mindspore import Tensor, nn, ops
 
-from data.video_io import VideoReader
+from data.video_io import VideoReader, atomic_path
 from modules.build import build_engine
 from modules.env import init_env
+from svd_tools.toy_eval import psnr
 
 
 def load_videos(data_dir: str, metadata: str, max_videos: int | None) -> list[np.ndarray]:
@@ -52,12 +53,6 @@ def sample_clips(videos, rng: np.random.Generator, batch: int, frames: int, crop
         out.append(clip)
     x = np.concatenate(out).astype(np.float32) / 127.5 - 1.0
     return x.transpose(0, 3, 1, 2)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of images in [-1, 1]."""
-    mse = np.mean(((a + 1) / 2 - (b + 1) / 2) ** 2)
-    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     x = sample_clips(videos, np.random.default_rng(args.seed + 1), 8, t)
     z = engine.encode_first_stage(Tensor(x)).asnumpy() / engine.scale_factor
     rec = engine.first_stage_model.decode(Tensor(z), timesteps=t).asnumpy()
-    print(f"reconstruction PSNR {psnr(rec, x):.2f} dB; latent std {z.std():.4f} -> scale_factor {1 / z.std():.4f}")
+    std = z.std()
+    print(f"reconstruction PSNR {psnr(rec, x, peak=2.0):.2f} dB; latent std {std:.4f} -> scale_factor {1 / std:.4f}")
 
     # the conditioner encodes the conditioning frame with the same encoder (mode, identity quant conv)
     cond = next(e for e in engine.conditioner.embedders if hasattr(e, "encoder")).encoder
@@ -140,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     cond.quant_conv.weight.set_data(Tensor(np.eye(c, dtype=np.float32).reshape(c, c, 1, 1)))
     cond.quant_conv.bias.set_data(Tensor(np.zeros(c, np.float32)))
 
-    tmp = os.path.splitext(args.out)[0] + ".partial.ckpt"
-    ms.save_checkpoint([{"name": q.name, "data": q} for q in engine.get_parameters()], tmp)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        ms.save_checkpoint([{"name": q.name, "data": q} for q in engine.get_parameters()], tmp)
     print(f"wrote {args.out}")
     return 0
 

@@ -2,21 +2,7 @@ import mindspore  # noqa: F401  (must be imported before decord anywhere in the 
 import numpy as np
 import pytest
 
-# The scheduler config shipped with the official diffusers SVD weights.
-SVD_SCHEDULER_CONFIG = dict(
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    interpolation_type="linear",
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    sigma_max=700.0,
-    sigma_min=0.002,
-    steps_offset=1,
-    timestep_spacing="leading",
-    timestep_type="continuous",
-    use_karras_sigmas=True,
-)
+from benchmarks.models import SVD_SCHEDULER_CONFIG  # noqa: F401  (the scheduler config the tests use)
 
 
 def rel_err(ours, ref) -> float:
