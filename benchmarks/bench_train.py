@@ -4,7 +4,7 @@ same step written with diffusers and torch.optim.AdamW, as the public SVD fine-t
 
     python benchmarks/bench_train.py                      # the tiny config, 4 frames of 64x64
     python benchmarks/bench_train.py --preset svd         # the real SVD (1.5 B UNet), 14 frames of 128x128
-    python benchmarks/bench_train.py --config configs/tiny/svd_small.yaml --frames 8 --height 128 --width 128
+    python benchmarks/bench_train.py --preset small       # configs/tiny/svd_small.yaml, 8 frames of 128x128
     python benchmarks/bench_train.py --side ours --full_unet --recompute     # ours only, other settings
 
 Both sides: one clip per step, one sigma per clip from the config's log-normal, EDM weighting, v-prediction, AdamW
@@ -77,7 +77,8 @@ def ours(case: Case) -> Measurement:
     times, first = harness.timed(run, case.runs, case.warmup)
     return Measurement(
         times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops(),
-        notes={"trained_params": param_count(params), "device": ms.get_context("device_target")},
+        notes={"trained_params": param_count(params), "steps_per_s": round(1 / np.median(times), 3),
+               "device": ms.get_context("device_target")},
     )  # fmt: skip
 
 
@@ -129,7 +130,7 @@ def ref(case: Case) -> Measurement:
     times, first = harness.timed(run, case.runs, case.warmup)
     return Measurement(
         times, first, harness.torch_peak_mb(), matmul_gflops=harness.torch_matmul_gflops(),
-        notes={"trained_params": sum(p.numel() for p in params)},
+        notes={"trained_params": sum(p.numel() for p in params), "steps_per_s": round(1 / np.median(times), 3)},
     )  # fmt: skip
 
 

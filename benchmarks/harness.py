@@ -29,6 +29,7 @@ from typing import Callable
 
 PRESETS = {
     "tiny": dict(config="configs/tiny/svd_tiny.yaml", frames=4, height=64, width=64),
+    "small": dict(config="configs/tiny/svd_small.yaml", frames=8, height=128, width=128),
     "svd": dict(config="configs/svd.yaml", frames=14, height=128, width=128),
 }
 
@@ -140,7 +141,7 @@ def mindspore_setup(case: Case) -> None:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes: the tiny config or real SVD")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="shapes: tiny, small or real SVD")
     p.add_argument("--config", help="model config (default: the preset's)")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int, help="pixels")
