@@ -13,6 +13,7 @@ Three engines are provided:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import mindspore as ms
@@ -49,8 +50,24 @@ def _check_training_only(owner: str, kwargs: dict) -> None:
         raise TypeError(f"{owner} got unexpected arguments {unknown}")
 
 
-def Normalize(channels: int, num_groups: int | None = None) -> GroupNorm:  # noqa: N802 (sgm's name)
-    """The VAE normalisation: GroupNorm(32) with eps 1e-6 (see layers.norm_groups for narrow models)."""
+_NORM_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def _normalization(enabled: bool):
+    """Build the blocks inside with (True) or without (False) their GroupNorms; see `Encoder`'s `norm`."""
+    _NORM_ENABLED.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _NORM_ENABLED.pop()
+
+
+def Normalize(channels: int, num_groups: int | None = None) -> nn.Cell:  # noqa: N802 (sgm's name)
+    """The VAE normalisation: GroupNorm(32) with eps 1e-6 (see layers.norm_groups for narrow models), or an
+    identity inside a first stage built with `norm=False`."""
+    if not _NORM_ENABLED[-1]:
+        return Identity()
     return GroupNorm(num_groups or default_norm_groups(), channels, eps=1e-6)
 
 
@@ -193,7 +210,14 @@ class _Mid(nn.Cell):
 
 
 class Encoder(nn.Cell):
-    """sgm VAE encoder: (N, in_channels, H, W) -> (N, 2*z_channels or z_channels, H/2^(L-1), W/2^(L-1))."""
+    """sgm VAE encoder: (N, in_channels, H, W) -> (N, 2*z_channels or z_channels, H/2^(L-1), W/2^(L-1)).
+
+    `norm=False` (also taken by `Decoder`) builds it without the GroupNorms of its spatial blocks (the video decoder's
+    temporal blocks keep theirs), for small first stages trained from scratch on flat-coloured images: each of those
+    GroupNorms removes a mean and a scale per image, and with them the absolute colour of large flat areas, which
+    short trainings then fail to recover (configs/toy/svd_toy.yaml says what was measured). The official SVD weights
+    use the default.
+    """
 
     def __init__(
         self,
@@ -211,40 +235,42 @@ class Encoder(nn.Cell):
         double_z: bool = True,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm: bool = True,
         **ignore_kwargs: Any,
     ):
         super().__init__()
-        if use_linear_attn:
-            raise NotImplementedError("linear attention is not supported in the VAE")
-        self.num_resolutions = len(ch_mult)
-        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
-        in_ch_mult = (1,) + tuple(ch_mult)
-        curr_res = resolution
-        levels = []
-        block_in = ch
-        for i_level in range(self.num_resolutions):
-            blocks, attns = [], []
-            block_in = ch * in_ch_mult[i_level]
-            block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attns.append(make_attn(block_in, attn_type))
-            down = None
-            if i_level != self.num_resolutions - 1:
-                down = Downsample(block_in, resamp_with_conv)
-                curr_res //= 2
-            levels.append(_Level(blocks, attns, down, "downsample"))
-        self.down = nn.CellList(levels)
-        self.mid = _Mid(
-            ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout),
-            make_attn(block_in, attn_type),
-            ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout),
-        )
-        self.norm_out = Normalize(block_in)
-        self.act = SiLU()
-        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        with _normalization(norm):
+            if use_linear_attn:
+                raise NotImplementedError("linear attention is not supported in the VAE")
+            self.num_resolutions = len(ch_mult)
+            self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
+            in_ch_mult = (1,) + tuple(ch_mult)
+            curr_res = resolution
+            levels = []
+            block_in = ch
+            for i_level in range(self.num_resolutions):
+                blocks, attns = [], []
+                block_in = ch * in_ch_mult[i_level]
+                block_out = ch * ch_mult[i_level]
+                for _ in range(num_res_blocks):
+                    blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                    block_in = block_out
+                    if curr_res in attn_resolutions:
+                        attns.append(make_attn(block_in, attn_type))
+                down = None
+                if i_level != self.num_resolutions - 1:
+                    down = Downsample(block_in, resamp_with_conv)
+                    curr_res //= 2
+                levels.append(_Level(blocks, attns, down, "downsample"))
+            self.down = nn.CellList(levels)
+            self.mid = _Mid(
+                ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout),
+                make_attn(block_in, attn_type),
+                ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout),
+            )
+            self.norm_out = Normalize(block_in)
+            self.act = SiLU()
+            self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def construct(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -286,41 +312,43 @@ class Decoder(nn.Cell):
         tanh_out: bool = False,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm: bool = True,
         **ignore_kwargs: Any,
     ):
         super().__init__()
-        if use_linear_attn:
-            raise NotImplementedError("linear attention is not supported in the VAE")
-        self.num_resolutions = len(ch_mult)
-        self.give_pre_end = give_pre_end
-        self.tanh_out = tanh_out
-        block_in = ch * ch_mult[-1]
-        curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(
-            self._make_resblock(block_in, block_in, dropout),
-            self._make_attn(block_in, attn_type),
-            self._make_resblock(block_in, block_in, dropout),
-        )
-        # Built from the lowest resolution up, stored by level index like sgm (up.0 is the full-resolution level).
-        levels = [None] * self.num_resolutions
-        for i_level in range(self.num_resolutions - 1, -1, -1):
-            blocks, attns = [], []
-            block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                blocks.append(self._make_resblock(block_in, block_out, dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attns.append(self._make_attn(block_in, attn_type))
-            up = None
-            if i_level != 0:
-                up = Upsample(block_in, resamp_with_conv)
-                curr_res *= 2
-            levels[i_level] = _Level(blocks, attns, up, "upsample")
-        self.up = nn.CellList(levels)
-        self.norm_out = Normalize(block_in)
-        self.act = SiLU()
-        self.conv_out = self._make_conv_out(block_in, out_ch)
+        with _normalization(norm):
+            if use_linear_attn:
+                raise NotImplementedError("linear attention is not supported in the VAE")
+            self.num_resolutions = len(ch_mult)
+            self.give_pre_end = give_pre_end
+            self.tanh_out = tanh_out
+            block_in = ch * ch_mult[-1]
+            curr_res = resolution // 2 ** (self.num_resolutions - 1)
+            self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
+            self.mid = _Mid(
+                self._make_resblock(block_in, block_in, dropout),
+                self._make_attn(block_in, attn_type),
+                self._make_resblock(block_in, block_in, dropout),
+            )
+            # Built from the lowest resolution up, stored by level index like sgm (up.0 is the full-resolution level).
+            levels = [None] * self.num_resolutions
+            for i_level in range(self.num_resolutions - 1, -1, -1):
+                blocks, attns = [], []
+                block_out = ch * ch_mult[i_level]
+                for _ in range(num_res_blocks + 1):
+                    blocks.append(self._make_resblock(block_in, block_out, dropout))
+                    block_in = block_out
+                    if curr_res in attn_resolutions:
+                        attns.append(self._make_attn(block_in, attn_type))
+                up = None
+                if i_level != 0:
+                    up = Upsample(block_in, resamp_with_conv)
+                    curr_res *= 2
+                levels[i_level] = _Level(blocks, attns, up, "upsample")
+            self.up = nn.CellList(levels)
+            self.norm_out = Normalize(block_in)
+            self.act = SiLU()
+            self.conv_out = self._make_conv_out(block_in, out_ch)
 
     def _make_resblock(self, in_channels: int, out_channels: int, dropout: float) -> nn.Cell:
         return ResnetBlock(in_channels=in_channels, out_channels=out_channels, dropout=dropout)

@@ -66,9 +66,8 @@ _NORM_GROUPS = [32]
 def norm_groups(num_groups: int):
     """Build the networks inside this block with `num_groups` groups in every GroupNorm instead of SVD's 32.
 
-    Narrow models need it: with 32 channels, 32 groups normalise each channel on its own, which erases what is
-    constant over an image (a flat background's colour) before the output layers. Configs set it with the
-    engine's `norm_num_groups`.
+    Narrow models need it: with 32 channels, 32 groups would normalise each channel on its own. Configs set it
+    with the engine's `norm_num_groups`.
     """
     _NORM_GROUPS.append(int(num_groups))
     try:

@@ -105,6 +105,19 @@ def test_unknown_engine_kwargs_and_time_modes_are_rejected():
         VideoDecoder(**TINY_DDCONFIG, video_kernel_size=3)  # sgm would build a 3x3x3 kernel
 
 
+def test_first_stage_without_normalization_drops_the_spatial_groupnorms_only():
+    plain = _svd_first_stage(dict(TINY_DDCONFIG, norm=False))
+    with no_init_parameters():
+        default = _svd_first_stage(TINY_DDCONFIG)
+    norms = {k for k in _shapes(default) if ".norm" in k and ".time_stack." not in k}
+    assert "decoder.norm_out.weight" in norms and "encoder.mid.block_1.norm1.bias" in norms
+    assert "decoder.mid.attn_1.norm.weight" in norms
+    assert set(_shapes(plain)) == set(_shapes(default)) - norms
+    assert "decoder.up.0.block.0.time_stack.in_layers.0.weight" in _shapes(plain)  # temporal blocks keep theirs
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    assert plain.decode(plain.encode(x), timesteps=2).shape == (2, 3, 32, 32)
+
+
 # ---------------------------------------------------------------- name maps on the real key layout
 
 
