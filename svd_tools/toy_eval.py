@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", required=True, help="a folder of conditioning images (held out from training)")
     p.add_argument("--buckets", type=int, nargs="+", default=[10, 120, 230])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--fps", type=int, default=8, help="the frame rate the model was trained on (the toy clips': 8)")
     p.add_argument("--mode", type=int, default=1)
     p.add_argument("--out", help="write the full report as JSON here")
     args = p.parse_args(argv)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = SVDPipeline.from_config(args.config, args.checkpoint, verbose=False)
     names = sorted(n for n in os.listdir(args.images) if n.lower().endswith(".png"))
     images = [np.asarray(load_image(os.path.join(args.images, n))) for n in names]
-    report = evaluate(pipe, images, args.buckets, args.seeds)
+    report = evaluate(pipe, images, args.buckets, args.seeds, fps=args.fps)
     summary = {k: v for k, v in report.items() if k != "videos"}
     print(json.dumps(summary, indent=2))
     if args.out:

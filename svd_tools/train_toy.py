@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="output/toy", help="dataset, intermediate weights and the training run")
     p.add_argument("--assets", default="assets/toy", help="where the final weights, log and plot go")
     p.add_argument("--videos", type=int, default=400)
-    p.add_argument("--vae_steps", type=int, default=450)
+    p.add_argument("--vae_steps", type=int, default=900)
     p.add_argument("--max_steps", type=int, default=None, help="UNet optimizer steps (default: the train config's)")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         run(["svd_tools/make_toy_dataset.py", "--out", data, "--videos", str(args.videos)])
     if not os.path.isfile(init):
         run(["svd_tools/train_toy_vae.py", "--config", MODEL, "--data_dir", os.path.join(data, "videos"),
-             "--metadata", csv, "--out", init, "--steps", str(args.vae_steps), "--batch", "3", "--crop", "32",
-             "--lr", "2e-3", "--log_every", "25", "--seed", str(args.seed)],
+             "--metadata", csv, "--out", init, "--steps", str(args.vae_steps), "--batch", "8", "--frames", "2",
+             "--crop", "32", "--lr", "5e-4", "--log_every", "25", "--eval_every", "100", "--seed", str(args.seed)],
             os.path.join(work, "vae_train.log"))  # fmt: skip
     final = os.path.join(run_dir, "final.ckpt")
     if not os.path.isfile(final):

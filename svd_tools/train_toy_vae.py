@@ -71,12 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         help="train on random crops of this size (the networks are convolutional; cheaper steps)",
     )
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
+    p.add_argument("--clip_norm", type=float, default=1.0, help="clip the gradients to this global norm")
     p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument(
+        "--posterior_noise",
+        type=float,
+        default=1.0,
+        help="scale of the posterior sample's noise (0: decode the posterior mean, a plain autoencoder)",
+    )
     p.add_argument("--max_videos", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="continue from this engine checkpoint (e.g. a first, faster phase)")
     p.add_argument("--mode", type=int, default=0, help="0 graph, 1 PyNative")
     p.add_argument("--log_every", type=int, default=50, help="print the loss every this many steps")
+    p.add_argument("--eval_every", type=int, default=250, help="print the reconstruction PSNR every this many steps")
     args = p.parse_args(argv)
 
     init_env(mode=args.mode, seed=args.seed)
@@ -87,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         q.requires_grad = True
     params = vae.trainable_params()
     lr = nn.cosine_decay_lr(args.lr * 0.05, args.lr, args.steps, 1, args.steps)
+    warmup = min(args.warmup, args.steps)
+    lr[:warmup] = [args.lr * (i + 1) / warmup for i in range(warmup)]
     opt = nn.AdamWeightDecay(params, learning_rate=lr, weight_decay=0.0)
     t = args.frames
 
     def forward(x, noise):
         mean, logvar = ops.split(vae.encoder(x), 4, axis=1)
         logvar = ops.clamp(logvar, -30.0, 20.0)
-        z = mean + ops.exp(0.5 * logvar) * noise
+        z = mean + args.posterior_noise * ops.exp(0.5 * logvar) * noise
         rec = vae.decoder(z, timesteps=t)
         err = rec - x
         kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).sum() / x.shape[0]
@@ -104,9 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     @ms.jit
     def train_step(x, noise):
         loss, grads = grad_fn(x, noise)
-        opt(grads)
+        opt(ops.clip_by_global_norm(grads, args.clip_norm))
         return loss
 
+    def reconstruction_psnr(x: np.ndarray) -> tuple[float, np.ndarray]:
+        """PSNR of decoding the posterior mean of whole clips, and the (unscaled) latents."""
+        vae.set_train(False)
+        z = ops.split(vae.encoder(Tensor(x)), 4, axis=1)[0]
+        rec = vae.decoder(z, timesteps=t).asnumpy()
+        vae.set_train(True)
+        return psnr(rec, x, peak=2.0), z.asnumpy()
+
+    held = sample_clips(videos, np.random.default_rng(args.seed + 1), 8, t)
     rng = np.random.default_rng(args.seed)
     latent_hw = None
     start = time.perf_counter()
@@ -118,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         noise = rng.standard_normal((x.shape[0], 4) + latent_hw).astype(np.float32)
         loss = train_step(Tensor(x), Tensor(noise))
         if step % args.log_every == 0 or step == 1:
-            print(f"step {step} loss {float(loss.asnumpy()):.4f} {time.perf_counter() - start:.0f} s", flush=True)
+            elapsed = time.perf_counter() - start
+            print(f"step {step} loss {float(loss.asnumpy()):.4f} {elapsed:.0f} s", flush=True)
+        if step % args.eval_every == 0:
+            print(f"step {step} fixed clips PSNR {reconstruction_psnr(held)[0]:.2f} dB", flush=True)
 
     vae.set_train(False)
-    x = sample_clips(videos, np.random.default_rng(args.seed + 1), 8, t)
-    z = engine.encode_first_stage(Tensor(x)).asnumpy() / engine.scale_factor
-    rec = engine.first_stage_model.decode(Tensor(z), timesteps=t).asnumpy()
+    value, z = reconstruction_psnr(held)
     std = z.std()
-    print(f"reconstruction PSNR {psnr(rec, x, peak=2.0):.2f} dB; latent std {std:.4f} -> scale_factor {1 / std:.4f}")
+    print(f"reconstruction PSNR {value:.2f} dB; latent std {std:.4f} -> scale_factor {1 / std:.4f}")
 
     # the conditioner encodes the conditioning frame with the same encoder (mode, identity quant conv)
     cond = next(e for e in engine.conditioner.embedders if hasattr(e, "encoder")).encoder

@@ -16,6 +16,7 @@ from svd_tools.toy_world import render_clip
 CONFIG = "configs/toy/svd_toy.yaml"
 WEIGHTS = "assets/toy/svd_toy.ckpt"
 BUCKETS = [10, 120, 230]
+FPS = 8  # the toy clips' frame rate (svd_tools/make_toy_dataset.py), so fps_id is the one trained on
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(WEIGHTS), reason=f"{WEIGHTS} is not trained yet (python svd_tools/train_toy.py makes it)"
@@ -29,7 +30,7 @@ def report():
     # unseen first frames: seeds far from the training ones (0..videos-1) and from the shipped held-out images
     images = [render_clip(HELDOUT_SEED + 100 + k, 1, 64)[0][0] for k in range(3)]
     assert all(blobs(img)[0] >= 1 for img in images)
-    return evaluate(pipe, images, BUCKETS, seeds=[0, 1])
+    return evaluate(pipe, images, BUCKETS, seeds=[0, 1], fps=FPS)
 
 
 def test_first_frame_keeps_the_conditioning_image(report):
