@@ -140,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.log_every == 0 or step == 1:
             elapsed = time.perf_counter() - start
             print(f"step {step} loss {float(loss.asnumpy()):.4f} {elapsed:.0f} s", flush=True)
-        if step % args.eval_every == 0:
+        if step % args.eval_every == 0 and step < args.steps:  # the last step's is printed below
             print(f"step {step} fixed clips PSNR {reconstruction_psnr(held)[0]:.2f} dB", flush=True)
 
-    vae.set_train(False)
     value, z = reconstruction_psnr(held)
     std = z.std()
     print(f"reconstruction PSNR {value:.2f} dB; latent std {std:.4f} -> scale_factor {1 / std:.4f}")
