@@ -4,7 +4,8 @@
 
 Stages (each skipped when its output already exists, so an interrupted run continues):
   1. the dataset: procedural clips of moving shapes, motion buckets measured by optical flow (make_toy_dataset.py);
-  2. the first stage: VAE encoder and temporal decoder trained on the clips (train_toy_vae.py);
+  2. the first stage: VAE encoder and temporal decoder trained on the clips (train_toy_vae.py), on windows of the
+     model's 8 frames: a temporal decoder trained on shorter windows shifts the colours of the middle frames;
   3. the video UNet, trained from scratch by train.py with configs/toy/svd_toy_train.yaml (resumable);
   4. the assets: the final weights in float16, the training log, the loss plot and an example image.
 """
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="output/toy", help="dataset, intermediate weights and the training run")
     p.add_argument("--assets", default="assets/toy", help="where the final weights, log and plot go")
     p.add_argument("--videos", type=int, default=400)
-    p.add_argument("--vae_steps", type=int, default=900)
+    p.add_argument("--vae_steps", type=int, default=1000)
     p.add_argument("--max_steps", type=int, default=None, help="UNet optimizer steps (default: the train config's)")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         run(["svd_tools/make_toy_dataset.py", "--out", data, "--videos", str(args.videos)])
     if not os.path.isfile(init):
         run(["svd_tools/train_toy_vae.py", "--config", MODEL, "--data_dir", os.path.join(data, "videos"),
-             "--metadata", csv, "--out", init, "--steps", str(args.vae_steps), "--batch", "8", "--frames", "2",
+             "--metadata", csv, "--out", init, "--steps", str(args.vae_steps), "--batch", "2", "--frames", "8",
              "--crop", "32", "--lr", "5e-4", "--log_every", "25", "--eval_every", "100", "--seed", str(args.seed)],
             os.path.join(work, "vae_train.log"))  # fmt: skip
     final = os.path.join(run_dir, "final.ckpt")

@@ -8,8 +8,9 @@ on random 32x32 windows of the frames, four times cheaper per step than whole 64
 are convolutional and then run on whole frames); `--init` continues from an earlier run's checkpoint. The trained
 encoder is also copied into the conditioner's frame encoder (with an identity quant conv), the UNet and the CLIP
 tower keep their seeded random initialisation, and the whole engine is written as one checkpoint: the starting
-point for training the UNet from scratch with train.py. The latent std printed at the end gives the config's
-`scale_factor` (1 / std).
+point for training the UNet from scratch with train.py. Before it is written, the latent std measured on held clips
+is folded into the encoder's last and the decoder's first convolution, so the latents have unit std and the
+config's `scale_factor` is 1.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def sample_clips(videos, rng: np.random.Generator, batch: int, frames: int, crop
         out.append(clip)
     x = np.concatenate(out).astype(np.float32) / 127.5 - 1.0
     return x.transpose(0, 3, 1, 2)
+
+
+def unit_latents(encoder: nn.Cell, decoder: nn.Cell, std: float) -> None:
+    """Fold 1/std into the encoder's output and std into the decoder's input, so that the latents have unit std and
+    the config's scale_factor is 1: the posterior mean and its std divide by `std` (log-variance minus 2 log std),
+    and the decoder's first convolution, linear in z, multiplies by it. Reconstructions are unchanged."""
+    w, b = encoder.conv_out.weight, encoder.conv_out.bias
+    c = w.shape[0] // 2  # [mean, logvar] channels
+    scale = np.concatenate([np.full(c, 1.0 / std), np.ones(c)]).astype(np.float32)
+    shift = np.concatenate([np.zeros(c), np.full(c, -2.0 * np.log(std))]).astype(np.float32)
+    w.set_data(Tensor(w.asnumpy() * scale[:, None, None, None]))
+    b.set_data(Tensor(b.asnumpy() * scale + shift))
+    decoder.conv_in.weight.set_data(Tensor(decoder.conv_in.weight.asnumpy() * np.float32(std)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step} fixed clips PSNR {reconstruction_psnr(held)[0]:.2f} dB", flush=True)
 
     value, z = reconstruction_psnr(held)
-    std = z.std()
-    print(f"reconstruction PSNR {value:.2f} dB; latent std {std:.4f} -> scale_factor {1 / std:.4f}")
+    std = float(z.std())
+    unit_latents(vae.encoder, vae.decoder, std)
+    check, z = reconstruction_psnr(held)
+    print(f"reconstruction PSNR {value:.2f} dB; latent std {std:.4f}, rescaled to {z.std():.4f} ({check:.2f} dB)")
 
     # the conditioner encodes the conditioning frame with the same encoder (mode, identity quant conv)
     cond = next(e for e in engine.conditioner.embedders if hasattr(e, "encoder")).encoder

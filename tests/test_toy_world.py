@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from svd_tools.make_toy_dataset import main as make_toy_dataset
-from svd_tools.toy_world import render_clip
+from svd_tools.toy_world import render_clip, scene
 
 
 def test_clips_are_seeded_and_move_at_their_speed():
@@ -15,6 +15,23 @@ def test_clips_are_seeded_and_move_at_their_speed():
     still, _ = render_clip(3, num_frames=6, size=64, speed=0.0)
     assert np.all(still == still[0])
     assert np.abs(a[-1].astype(int) - a[0]).max() > 50  # the shapes moved
+
+
+def test_discs_move_right_and_squares_move_down():
+    """The world's rule, read from the pixels of one-shape clips: over 3 frames at 1 px/frame the shape's centre
+    moves 3 px right (a disc) or down (a square)."""
+    seen = set()
+    for seed in range(40):
+        _, shapes = scene(seed, 64, speed=1.0)
+        frames, _ = render_clip(seed, num_frames=4, size=64, speed=1.0)
+        (ys, xs), (ys1, xs1) = (np.nonzero(f.max(axis=2) > 137) for f in (frames[0], frames[3]))
+        if len(shapes) != 1 or ys.max() > 56 or xs.max() > 56:  # one shape, not about to bounce
+            continue
+        dy, dx = ys1.mean() - ys.mean(), xs1.mean() - xs.mean()
+        along, across = (dx, dy) if shapes[0].kind == "disc" else (dy, dx)
+        assert 2.5 < along < 3.5 and abs(across) < 0.3, (seed, shapes[0].kind, dy, dx)
+        seen.add(shapes[0].kind)
+    assert seen == {"disc", "square"}
 
 
 def test_dataset_buckets_follow_the_true_speed(tmp_path):
