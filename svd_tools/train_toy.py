@@ -4,8 +4,9 @@
 
 Stages (each skipped when its output already exists, so an interrupted run continues):
   1. the dataset: procedural clips of moving shapes, motion buckets measured by optical flow (make_toy_dataset.py);
-  2. the first stage: VAE encoder and temporal decoder trained on the clips (train_toy_vae.py), on windows of the
-     model's 8 frames: a temporal decoder trained on shorter windows shifts the colours of the middle frames;
+  2. the first stage (train_toy_vae.py): the VAE encoder and temporal decoder on many 2-frame clips a step (with
+     2 clips of 8 frames a step, the same cost, it stayed grey for 1000 steps), then the decoder alone on clips of
+     the model's 8 frames (decoding 8 frames with a temporal decoder trained on 2 shifts the middle frames' colours);
   3. the video UNet, trained from scratch by train.py with configs/toy/svd_toy_train.yaml (resumable);
   4. the assets: the final weights in float16, the training log, the loss plot and an example image.
 """
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="output/toy", help="dataset, intermediate weights and the training run")
     p.add_argument("--assets", default="assets/toy", help="where the final weights, log and plot go")
     p.add_argument("--videos", type=int, default=400)
-    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--vae_steps", type=int, default=900, help="first stage, encoder and decoder, on 2-frame clips")
+    p.add_argument("--decoder_steps", type=int, default=400, help="then the decoder alone on 8-frame clips")
     p.add_argument("--max_steps", type=int, default=None, help="UNet optimizer steps (default: the train config's)")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
@@ -53,16 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     data = os.path.join(work, "data")
     csv = os.path.join(data, "videos.csv")
     init = os.path.join(work, "engine_init.ckpt")
+    first = os.path.join(work, "vae_2frames.ckpt")
     run_dir = os.path.join(work, "unet_run")
     os.makedirs(work, exist_ok=True)
 
     if not os.path.isfile(csv):
         run(["svd_tools/make_toy_dataset.py", "--out", data, "--videos", str(args.videos)])
+    vae = ["svd_tools/train_toy_vae.py", "--config", MODEL, "--data_dir", os.path.join(data, "videos"),
+           "--metadata", csv, "--crop", "32", "--lr", "5e-4", "--log_every", "25", "--eval_every", "100",
+           "--seed", str(args.seed)]  # fmt: skip
+    vae_log = os.path.join(work, "vae_train.log")
+    if not os.path.isfile(first):
+        run(vae + ["--out", first, "--steps", str(args.vae_steps), "--batch", "8", "--frames", "2"], vae_log)
     if not os.path.isfile(init):
-        run(["svd_tools/train_toy_vae.py", "--config", MODEL, "--data_dir", os.path.join(data, "videos"),
-             "--metadata", csv, "--out", init, "--steps", str(args.vae_steps), "--batch", "2", "--frames", "8",
-             "--crop", "32", "--lr", "5e-4", "--log_every", "25", "--eval_every", "100", "--seed", str(args.seed)],
-            os.path.join(work, "vae_train.log"))  # fmt: skip
+        run(vae + ["--out", init, "--init", first, "--train", "decoder", "--steps", str(args.decoder_steps),
+                   "--batch", "2", "--frames", "8"], vae_log)  # fmt: skip
     final = os.path.join(run_dir, "final.ckpt")
     if not os.path.isfile(final):
         cmd = [
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.assets, "provenance.json"), "w") as f:
         json.dump({"command": " ".join(["python", "svd_tools/train_toy.py", *(argv or sys.argv[1:])]),
                    "seed": args.seed, "videos": args.videos, "vae_steps": args.vae_steps,
+                   "decoder_steps": args.decoder_steps,
                    "example": heldout[0]}, f, indent=2)  # fmt: skip
     print(f"wrote {args.assets}")
     return 0

@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train on random crops of this size (the networks are convolutional; cheaper steps)",
     )
+    p.add_argument(
+        "--train",
+        choices=["all", "decoder"],
+        default="all",
+        help="decoder: keep the encoder (and the latents) of --init, e.g. to fit the temporal decoder to longer clips",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
     p.add_argument("--clip_norm", type=float, default=1.0, help="clip the gradients to this global norm")
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(args.config, args.init)
     vae = engine.first_stage_model
     for q in vae.get_parameters():
-        q.requires_grad = True
+        q.requires_grad = args.train == "all" or not q.name.startswith("first_stage_model.encoder.")
     params = vae.trainable_params()
     lr = nn.cosine_decay_lr(args.lr * 0.05, args.lr, args.steps, 1, args.steps)
     warmup = min(args.warmup, args.steps)
