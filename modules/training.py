@@ -551,17 +551,20 @@ class TrainStep(nn.Cell):
         self.updater = updater
         self.weights = updater.params
         self.accum_steps = updater.accum_steps
-        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        # one forward and one backward: the gradients of loss * loss_scale, and the unscaled loss alongside
+        self.grad = ms.value_and_grad(self.scaled_loss, None, self.weights, has_aux=True)
         self.hyper_map = ops.HyperMap()
         if self.accum_steps > 1:
             self.accum = self.weights.clone("accum", "zeros")
             for p in self.accum:
                 p.requires_grad = False
 
-    def construct(self, x, noise, sigma, c_noise, concat, context, y, lr):
+    def scaled_loss(self, x, noise, sigma, c_noise, concat, context, y):
         loss = self.loss(x, noise, sigma, c_noise, concat, context, y)
-        sens = self.updater.loss_scale.astype(loss.dtype)
-        grads = self.grad(self.loss, self.weights)(x, noise, sigma, c_noise, concat, context, y, sens)
+        return loss * ops.stop_gradient(self.updater.loss_scale).astype(loss.dtype), loss
+
+    def construct(self, x, noise, sigma, c_noise, concat, context, y, lr):
+        (_, loss), grads = self.grad(x, noise, sigma, c_noise, concat, context, y)
         if self.accum_steps == 1:
             norm, finite = self.updater(grads, lr)
             return loss, norm, finite
