@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 
 from svd_tools.make_toy_dataset import main as make_toy_dataset
+from svd_tools.toy_eval import SHAPE_THRESHOLD
 from svd_tools.toy_world import render_clip, scene
 
 
@@ -24,7 +25,7 @@ def test_discs_move_right_and_squares_move_down():
     for seed in range(40):
         _, shapes = scene(seed, 64, speed=1.0)
         frames, _ = render_clip(seed, num_frames=4, size=64, speed=1.0)
-        (ys, xs), (ys1, xs1) = (np.nonzero(f.max(axis=2) > 137) for f in (frames[0], frames[3]))
+        (ys, xs), (ys1, xs1) = (np.nonzero(f.max(axis=2) > SHAPE_THRESHOLD) for f in (frames[0], frames[3]))
         if len(shapes) != 1 or ys.max() > 56 or xs.max() > 56:  # one shape, not about to bounce
             continue
         dy, dx = ys1.mean() - ys.mean(), xs1.mean() - xs.mean()
