@@ -1,4 +1,4 @@
-import mindspore  # noqa: F401  (must be imported before decord anywhere in the test session)
+import mindspore  # must be imported before decord anywhere in the test session
 import numpy as np
 import pytest
 
@@ -9,6 +9,16 @@ def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_execution_mode():
+    """Give every test module the execution mode the session started in: a test that switches to graph mode
+    (init_env(mode=0)) would otherwise leave it on for the modules after it, whose cells then build and name their
+    parameters differently."""
+    mode = mindspore.get_context("mode")
+    yield
+    mindspore.set_context(mode=mode)
 
 
 @pytest.fixture
