@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's)")
     p.add_argument("--min_guidance_scale", type=float, default=None, help="default: the config's")
     p.add_argument("--max_guidance_scale", type=float, default=None, help="default: the config's")
-    p.add_argument("--noise_aug_strength", type=float, default=0.02)
+    p.add_argument("--noise_aug_strength", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--mode", type=int, default=1)
     p.add_argument("--out", help="write the full report as JSON here")
     args = p.parse_args(argv)
@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = SVDPipeline.from_config(args.config, args.checkpoint, verbose=False)
     names = sorted(n for n in os.listdir(args.images) if n.lower().endswith(".png"))
     images = [np.asarray(load_image(os.path.join(args.images, n))) for n in names]
-    sampling = dict(
+    given = dict(
         num_inference_steps=args.steps,
         min_guidance_scale=args.min_guidance_scale,
         max_guidance_scale=args.max_guidance_scale,
         noise_aug_strength=args.noise_aug_strength,
     )
+    sampling = {k: v for k, v in given.items() if v is not None}  # the rest keep the pipeline's defaults
     report = evaluate(pipe, images, args.buckets, args.seeds, fps=args.fps, **sampling)
     summary = {k: v for k, v in report.items() if k != "videos"}
     print(json.dumps(summary, indent=2))
