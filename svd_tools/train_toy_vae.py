@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip_norm", type=float, default=1.0, help="clip the gradients to this global norm")
     p.add_argument("--kl_weight", type=float, default=1e-6)
     p.add_argument(
+        "--chroma_weight",
+        type=float,
+        default=0.0,
+        help="extra weight of the reconstruction error's colour part (each pixel's error minus its mean over RGB)",
+    )
+    p.add_argument(
         "--posterior_noise",
         type=float,
         default=1.0,
@@ -128,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         rec = vae.decoder(z, timesteps=t)
         err = rec - x
         kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).sum() / x.shape[0]
-        return ops.abs(err).mean() + (err * err).mean() + args.kl_weight * kl
+        loss = ops.abs(err).mean() + (err * err).mean() + args.kl_weight * kl
+        if args.chroma_weight:
+            chroma = err - err.mean(axis=1, keep_dims=True)
+            loss = loss + args.chroma_weight * (ops.abs(chroma).mean() + (chroma * chroma).mean())
+        return loss
 
     grad_fn = ms.value_and_grad(forward, None, opt.parameters)
 
