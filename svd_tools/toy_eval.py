@@ -3,7 +3,9 @@
 - the first frame keeps the conditioning image (PSNR in dB);
 - the shapes move rather than dissolve: in every frame the bright shape pixels form as many blobs as in the
   conditioning image, of about the same total area;
-- motion grows with motion_bucket_id: the mean Farneback optical-flow magnitude between consecutive frames.
+- motion grows with motion_bucket_id: the mean Farneback optical-flow magnitude between consecutive frames, and how
+  far the shape's centre moved from the first frame to the last (`shape_shift`, which the background's flicker does
+  not enter).
 
     python svd_tools/toy_eval.py --checkpoint assets/toy/svd_toy.ckpt --images output/toy/data/heldout
 
@@ -53,6 +55,15 @@ def mean_flow(video: np.ndarray) -> float:
     return float(np.mean(mags))
 
 
+def shape_shift(video: np.ndarray) -> tuple[float, float]:
+    """(dy, dx) in pixels: how far the centre of the bright shape pixels moved from the first frame to the last."""
+    centres = []
+    for f in (video[0], video[-1]):
+        ys, xs = np.nonzero(f.max(axis=2) > SHAPE_THRESHOLD)
+        centres.append((ys.mean(), xs.mean()) if len(ys) else (np.nan, np.nan))
+    return float(centres[1][0] - centres[0][0]), float(centres[1][1] - centres[0][1])
+
+
 def video_metrics(video: np.ndarray, image: np.ndarray) -> dict:
     """The metrics of one generated video (T, H, W, 3) against its conditioning image (H, W, 3)."""
     n0, area0 = blobs(image)
@@ -65,6 +76,7 @@ def video_metrics(video: np.ndarray, image: np.ndarray) -> dict:
         "area_ratio_min": float(np.min(ratios)),
         "area_ratio_max": float(np.max(ratios)),
         "flow": mean_flow(video),
+        "shift": shape_shift(video),
     }
 
 
@@ -78,12 +90,14 @@ def evaluate(pipe, images: list[np.ndarray], buckets: list[int], seeds: list[int
                 video = pipe(image, motion_bucket_id=bucket, seed=seed, **call).frames[0]
                 rows.append({"image": i, "bucket": bucket, "seed": seed, **video_metrics(video, image)})
     flow = {b: float(np.mean([r["flow"] for r in rows if r["bucket"] == b])) for b in buckets}
+    shift = {b: float(np.mean([np.hypot(*r["shift"]) for r in rows if r["bucket"] == b])) for b in buckets}
     return {
         "videos": rows,
         "min_first_frame_psnr": min(r["first_frame_psnr"] for r in rows),
         "blobs_kept": all(all(n == r["blobs_expected"] for n in r["blobs_per_frame"]) for r in rows),
         "area_ratio_range": [min(r["area_ratio_min"] for r in rows), max(r["area_ratio_max"] for r in rows)],
         "flow_by_bucket": flow,
+        "shape_shift_by_bucket": shift,
         "flow_increases": all(flow[a] < flow[b] for a, b in zip(buckets[:-1], buckets[1:])),
     }
 

@@ -7,6 +7,8 @@ Stages (each skipped when its output already exists, so an interrupted run conti
   2. the first stage (train_toy_vae.py): the VAE encoder and temporal decoder on many 2-frame clips a step (with
      2 clips of 8 frames a step, the same cost, it stayed grey for 1000 steps), then the decoder alone on clips of
      the model's 8 frames (decoding 8 frames with a temporal decoder trained on 2 shifts the middle frames' colours);
+     both with the colour part of the error weighted up (without it the backgrounds come out grey) and the posterior
+     sampled with 0.1 of its learnt std;
   3. the video UNet, trained from scratch by train.py with configs/toy/svd_toy_train.yaml (resumable);
   4. the assets: the final weights in float16, the training log, the loss plot and an example image.
 """
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="output/toy", help="dataset, intermediate weights and the training run")
     p.add_argument("--assets", default="assets/toy", help="where the final weights, log and plot go")
-    p.add_argument("--videos", type=int, default=400)
+    p.add_argument("--videos", type=int, default=600)
     p.add_argument("--vae_steps", type=int, default=900, help="first stage, encoder and decoder, on 2-frame clips")
     p.add_argument("--decoder_steps", type=int, default=400, help="then the decoder alone on 8-frame clips")
     p.add_argument("--max_steps", type=int, default=None, help="UNet optimizer steps (default: the train config's)")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(csv):
         run(["svd_tools/make_toy_dataset.py", "--out", data, "--videos", str(args.videos)])
     vae = ["svd_tools/train_toy_vae.py", "--config", MODEL, "--data_dir", os.path.join(data, "videos"),
-           "--metadata", csv, "--crop", "32", "--lr", "5e-4", "--log_every", "25", "--eval_every", "100",
+           "--metadata", csv, "--crop", "32", "--lr", "5e-4", "--posterior_noise", "0.1", "--chroma_weight", "4",
+           "--log_every", "25", "--eval_every", "100",
            "--seed", str(args.seed)]  # fmt: skip
     vae_log = os.path.join(work, "vae_train.log")
     if not os.path.isfile(first):

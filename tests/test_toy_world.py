@@ -2,10 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from svd_tools.make_toy_dataset import main as make_toy_dataset
-from svd_tools.toy_eval import SHAPE_THRESHOLD
-from svd_tools.toy_world import render_clip, scene
+from svd_tools.toy_eval import SHAPE_THRESHOLD, shape_shift
+from svd_tools.toy_world import CLIP_FRAMES, RADIUS, SPEEDS, render_clip, scene
 
 
 def test_clips_are_seeded_and_move_at_their_speed():
@@ -19,20 +20,48 @@ def test_clips_are_seeded_and_move_at_their_speed():
 
 
 def test_discs_move_right_and_squares_move_down():
-    """The world's rule, read from the pixels of one-shape clips: over 3 frames at 1 px/frame the shape's centre
-    moves 3 px right (a disc) or down (a square)."""
+    """The world's rule, read from the pixels: over 3 frames at 1 px/frame the one shape's centre moves 3 px right
+    (a disc) or down (a square)."""
     seen = set()
     for seed in range(40):
         _, shapes = scene(seed, 64, speed=1.0)
         frames, _ = render_clip(seed, num_frames=4, size=64, speed=1.0)
         (ys, xs), (ys1, xs1) = (np.nonzero(f.max(axis=2) > SHAPE_THRESHOLD) for f in (frames[0], frames[3]))
-        if len(shapes) != 1 or ys.max() > 56 or xs.max() > 56:  # one shape, not about to bounce
-            continue
+        assert len(shapes) == 1 and shapes[0].radius == RADIUS * 64
         dy, dx = ys1.mean() - ys.mean(), xs1.mean() - xs.mean()
         along, across = (dx, dy) if shapes[0].kind == "disc" else (dy, dx)
         assert 2.5 < along < 3.5 and abs(across) < 0.3, (seed, shapes[0].kind, dy, dx)
         seen.add(shapes[0].kind)
     assert seen == {"disc", "square"}
+
+
+def test_shape_shift_reads_the_shapes_displacement():
+    for seed in range(6):
+        kind = scene(seed, 64, speed=2.0)[1][0].kind
+        frames, _ = render_clip(seed, num_frames=8, size=64, speed=2.0)
+        dy, dx = shape_shift(frames)
+        along, across = (dx, dy) if kind == "disc" else (dy, dx)
+        assert abs(along - 14.0) < 0.5 and abs(across) < 0.3, (seed, kind, dy, dx)
+    still, _ = render_clip(0, num_frames=8, size=64, speed=0.0)
+    assert shape_shift(still) == (0.0, 0.0)
+
+
+def test_shapes_stay_whole_and_inside_for_a_whole_clip_at_the_top_speed():
+    for seed in range(30):
+        _, shapes = scene(seed, 64, speed=max(SPEEDS))
+        for s in shapes:
+            for pos in (s.pos, s.pos + s.vel * (CLIP_FRAMES - 1)):
+                assert np.all(pos - s.radius >= 0) and np.all(pos + s.radius <= 64), (seed, s)
+        frames, _ = render_clip(seed, size=64, speed=max(SPEEDS))
+        edges = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+        assert edges.max(axis=-1).max() <= SHAPE_THRESHOLD  # no shape pixel on the border in any frame
+
+
+def test_longer_clips_than_the_world_places_shapes_for_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        make_toy_dataset(["--out", str(tmp_path), "--frames", str(CLIP_FRAMES + 1)])
+    assert e.value.code == 2 and "--frames must be in" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_dataset_buckets_follow_the_true_speed(tmp_path):
