@@ -85,7 +85,10 @@ class GroupNorm(nn.Cell):
     """GroupNorm over (N, C, *) with per-channel affine `weight`/`bias`.
 
     Each group is normalised as one row of a LayerNorm over (N, G, C/G * spatial), which is much faster on CPU than
-    the dedicated GroupNorm kernel. Statistics are taken in float32.
+    the dedicated GroupNorm kernel. The per-channel affine follows as a depthwise 1x1 convolution and a BiasAdd:
+    spreading it over the LayerNorm's row shape instead costs a BroadcastTo as large as the input on every call,
+    and broadcasting arithmetic keeps index tables as large as its output in graph mode. Statistics are taken in
+    float32.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
@@ -96,28 +99,23 @@ class GroupNorm(nn.Cell):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        self.layer_norm = ops.LayerNorm(2, 1, eps)
+        self.layer_norm = ops.LayerNorm(2, 2, eps)  # normalise each (n, g) row; unit scale and zero shift
         if affine:
             self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
             self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
+            self.scale = ops.Conv2D(num_channels, 1, group=num_channels)
+            self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         shape = x.shape
         dtype = x.dtype
-        g = self.num_groups
-        # n c *s -> n g (c/g s): LayerNorm over the last axis, with the per-channel affine spread over each group's
-        # positions as LayerNorm's elementwise scale and shift (one pass, and no broadcasting arithmetic, whose CPU
-        # kernels keep index tables as large as their output in graph mode)
-        xr = x.astype(ms.float32).reshape(shape[0], g, -1)
+        xr = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
         length = xr.shape[2]
+        y, _, _ = self.layer_norm(xr, ops.ones((length,), ms.float32), ops.zeros((length,), ms.float32))
         if self.affine:
-            spread = (g, self.num_channels // g, length * g // self.num_channels)
-            weight = ops.broadcast_to(self.weight.astype(ms.float32).reshape(spread[:2] + (1,)), spread)
-            bias = ops.broadcast_to(self.bias.astype(ms.float32).reshape(spread[:2] + (1,)), spread)
-            weight, bias = weight.reshape(g, length), bias.reshape(g, length)
-        else:
-            weight, bias = ops.ones((g, length), ms.float32), ops.zeros((g, length), ms.float32)
-        y, _, _ = self.layer_norm(xr, weight, bias)
+            c = self.num_channels
+            y = self.scale(y.reshape(shape[0], c, -1, 1), self.weight.astype(ms.float32).reshape(c, 1, 1, 1))
+            y = self.bias_add(y, self.bias.astype(ms.float32))
         return y.reshape(shape).astype(dtype)
 
 

@@ -1,0 +1,42 @@
+"""Building blocks against PyTorch on random inputs and random affine parameters."""
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+from mindspore import Tensor
+
+from modules.layers import GroupNorm
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("shape, groups", [((2, 32, 6, 5), 8), ((1, 16, 3, 4, 5), 4), ((2, 8, 7), 1)])
+def test_group_norm_matches_torch_with_its_affine_and_gradients(mode, shape, groups):
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    weight = rng.standard_normal(shape[1]).astype(np.float32)
+    bias = rng.standard_normal(shape[1]).astype(np.float32)
+    ours = GroupNorm(groups, shape[1], eps=1e-6)
+    ours.weight.set_data(Tensor(weight))
+    ours.bias.set_data(Tensor(bias))
+    ref = torch.nn.GroupNorm(groups, shape[1], eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(weight))
+        ref.bias.copy_(torch.from_numpy(bias))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = ref(xt)
+    np.testing.assert_allclose(ours(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+
+    # gradients for the input and both affine parameters, through a weighted sum
+    w = rng.standard_normal(shape).astype(np.float32)
+    (yt * torch.from_numpy(w)).sum().backward()
+
+    def loss(inp):
+        return (ours(inp) * Tensor(w)).sum()
+
+    grad_fn = ms.value_and_grad(loss, 0, ours.trainable_params())
+    _, (gx, (gw, gb)) = grad_fn(Tensor(x))
+    np.testing.assert_allclose(gx.asnumpy(), xt.grad.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(gw.asnumpy(), ref.weight.grad.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(gb.asnumpy(), ref.bias.grad.numpy(), rtol=1e-3, atol=1e-3)
