@@ -32,11 +32,16 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return float(10 * np.log10(peak**2 / max(mse, 1e-12 * peak**2)))
 
 
+def shape_mask(frame: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of an (H, W, 3) uint8 frame bright enough to belong to a shape."""
+    return frame.max(axis=2) > SHAPE_THRESHOLD
+
+
 def blobs(frame: np.ndarray) -> tuple[int, int]:
     """(number of shape blobs of at least MIN_BLOB pixels, their total area) of an (H, W, 3) uint8 frame."""
     import cv2
 
-    mask = (frame.max(axis=2) > SHAPE_THRESHOLD).astype(np.uint8)
+    mask = shape_mask(frame).astype(np.uint8)
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     big = areas[areas >= MIN_BLOB]
@@ -59,7 +64,7 @@ def shape_shift(video: np.ndarray) -> tuple[float, float]:
     """(dy, dx) in pixels: how far the centre of the bright shape pixels moved from the first frame to the last."""
     centres = []
     for f in (video[0], video[-1]):
-        ys, xs = np.nonzero(f.max(axis=2) > SHAPE_THRESHOLD)
+        ys, xs = np.nonzero(shape_mask(f))
         centres.append((ys.mean(), xs.mean()) if len(ys) else (np.nan, np.nan))
     return float(centres[1][0] - centres[0][0]), float(centres[1][1] - centres[0][1])
 

@@ -63,29 +63,19 @@ def _coverage(shape: Shape, size: int, ss: int = 4) -> np.ndarray:
     return inside.reshape(size, ss, size, ss).mean(axis=(1, 3))
 
 
-def random_shapes(rng: np.random.Generator, size: int, speed: float | None = None, count: int = 1) -> list[Shape]:
-    """`count` shapes of bright colours (the world has one), moving at `speed` (drawn from SPEEDS if None) from where
-    their paths over CLIP_FRAMES frames stay inside the picture."""
+def random_shapes(rng: np.random.Generator, size: int, speed: float | None = None) -> list[Shape]:
+    """The world's one shape, of a bright colour, moving at `speed` (drawn from SPEEDS if None) from where its path
+    over CLIP_FRAMES frames stays inside the picture. A list, as `render_clip` draws every shape of a scene."""
     speed = float(rng.choice(SPEEDS)) if speed is None else speed
     if speed < 0 or speed * (CLIP_FRAMES - 1) > size * (1 - 2 * RADIUS) - 2:
         raise ValueError(f"speed {speed} does not fit a {size}-pixel frame for {CLIP_FRAMES} frames")
     radius = RADIUS * size
-    shapes = []
-    for _ in range(count):
-        kind = str(rng.choice(["disc", "square"]))
-        vel = speed * np.array(DIRECTIONS[kind])
-        lo = radius + 1
-        hi = size - radius - 1 - np.abs(vel) * (CLIP_FRAMES - 1)  # per axis: the path ends inside
-        shapes.append(
-            Shape(
-                kind=kind,
-                radius=radius,
-                color=rng.integers(150, 256, 3).astype(np.uint8),
-                pos=lo + rng.random(2) * (hi - lo),
-                vel=vel,
-            )
-        )
-    return shapes
+    kind = str(rng.choice(["disc", "square"]))
+    vel = speed * np.array(DIRECTIONS[kind])
+    lo = radius + 1
+    hi = size - radius - 1 - np.abs(vel) * (CLIP_FRAMES - 1)  # per axis: the path ends inside
+    color = rng.integers(150, 256, 3).astype(np.uint8)
+    return [Shape(kind=kind, radius=radius, color=color, pos=lo + rng.random(2) * (hi - lo), vel=vel)]
 
 
 def scene(seed: int, size: int = 64, speed: float | None = None) -> tuple[np.ndarray, list[Shape]]:
