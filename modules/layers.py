@@ -48,14 +48,37 @@ class SiLU(nn.Cell):
         return (x * ops.sigmoid(x)).astype(dtype)
 
 
+class _ExactGELU(nn.Cell):
+    """x * Phi(x) with its derivative Phi(x) + x * phi(x) written out.
+
+    MindSpore's own gradient of the exact GELU squares x with a generic power kernel, which was the fourth largest
+    op type of the toy model's training step in MindSpore's profiler; here it is a multiplication."""
+
+    def construct(self, x):
+        return ops.gelu(x, approximate="none")
+
+    def bprop(self, x, out, dout):
+        xf = x.astype(ms.float32)
+        cdf = 0.5 + 0.5 * ops.erf(xf * _SQRT1_2)
+        pdf = ops.exp(xf * xf * -0.5) * _INV_SQRT_2PI
+        return ((dout.astype(ms.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
 class GELU(nn.Cell):
     """Exact (erf) GELU, or the tanh approximation."""
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = approximate
+        self.exact = _ExactGELU() if approximate == "none" else None
 
     def construct(self, x):
+        if self.exact is not None:
+            return self.exact(x)
         return ops.gelu(x, approximate=self.approximate)
 
 

@@ -138,6 +138,7 @@ class ResBlock(nn.Cell):
         else:
             emb_out = 2 * out_ch if use_scale_shift_norm else out_ch
             self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, emb_out)])
+            self.bias_add = ops.BiasAdd()
         self.out_layers = nn.SequentialCell(
             [
                 _norm(out_ch),
@@ -174,8 +175,11 @@ class ResBlock(nn.Cell):
             for i in range(1, 4):
                 h = self.out_layers[i](h)
         else:
-            # explicit broadcast: see layers.GroupNorm on broadcasting arithmetic in graph mode
-            h = self.out_layers(h + ops.broadcast_to(emb_out, h.shape))
+            # One value per (sample, channel[, frame]): added as the bias of a single-sample view, neither a
+            # BroadcastTo as large as h nor broadcasting arithmetic (see layers.GroupNorm on both).
+            shape = h.shape
+            h = self.bias_add(h.reshape(1, emb_out.size, -1), emb_out.reshape(-1)).reshape(shape)
+            h = self.out_layers(h)
         return self.skip_connection(x) + h
 
 

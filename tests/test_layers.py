@@ -6,7 +6,7 @@ import pytest
 import torch
 from mindspore import Tensor
 
-from modules.layers import GroupNorm
+from modules.layers import GELU, GroupNorm
 
 
 @pytest.mark.parametrize("mode", [0, 1])
@@ -40,3 +40,27 @@ def test_group_norm_matches_torch_with_its_affine_and_gradients(mode, shape, gro
     np.testing.assert_allclose(gx.asnumpy(), xt.grad.numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(gw.asnumpy(), ref.weight.grad.numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(gb.asnumpy(), ref.bias.grad.numpy(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_its_gradient_match_torch(mode, approximate):
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 40, 17)) * 3).astype(np.float32)  # well into both tails
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = torch.nn.functional.gelu(xt, approximate=approximate)
+    (yt * torch.from_numpy(w)).sum().backward()
+    ours = GELU(approximate)
+
+    def loss(inp):
+        return (ours(inp) * Tensor(w)).sum()
+
+    np.testing.assert_allclose(ours(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    gx = ms.grad(loss)(Tensor(x))
+    np.testing.assert_allclose(gx.asnumpy(), xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    # half-precision inputs (mixed precision) get a gradient of their own dtype
+    g16 = ms.grad(loss)(Tensor(x, ms.float16))
+    assert g16.dtype == ms.float16
+    np.testing.assert_allclose(g16.asnumpy().astype(np.float32), xt.grad.numpy(), rtol=1e-2, atol=2e-2)
