@@ -59,6 +59,9 @@ class SVD:
     """Half-precision type for O2 (bf16 needs a GPU or Ascend)."""
     forward_chunk_size: Optional[int] = None
     """Run the UNet's feed-forward layers in chunks of this many rows (less memory, same result)."""
+    model_offload: bool = False
+    """Hold only the running part's weights (conditioner, UNet, VAE), the others in temporary files: a peak of
+    about the UNet's weights instead of all of them. PyNative mode (--mode=1) only."""
     num_videos: int = 1
     """Videos per image; video k uses seed + k."""
     width: Optional[int] = None
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         images = list_images([args.image] if isinstance(args.image, str) else list(args.image))
         for p in images:  # fail before the (slow) model build
             load_image(p)
+        if svd.model_offload and args.mode != 1:
+            raise ValueError("--SVD.model_offload needs PyNative mode (--mode=1): a compiled graph keeps its weights")
         init_env(mode=args.mode, device_target=args.device_target, seed=args.seed)
         from modules.build import build_engine  # heavy imports after the argument checks
         from modules.config import load_config
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = SVDPipeline(engine, num_frames, amp_level=svd.amp_level, amp_dtype=svd.amp_dtype)
         if svd.forward_chunk_size:
             pipe.enable_forward_chunking(svd.forward_chunk_size)
+        if svd.model_offload:
+            pipe.enable_model_offload()
     except (ImageError, CheckpointError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

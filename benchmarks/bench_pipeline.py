@@ -4,8 +4,11 @@ graph mode by default) against diffusers' StableVideoDiffusionPipeline with the 
     python benchmarks/bench_pipeline.py                   # the tiny config, 4 frames of 64x64, 2 steps
     python benchmarks/bench_pipeline.py --preset svd      # real SVD (UNet, temporal VAE, ViT-H/14), 14 x 128x128
     python benchmarks/bench_pipeline.py --preset svd --decode_chunk_size 2 --forward_chunk_size 1   # less memory
+    python benchmarks/bench_pipeline.py --preset svd --mode 1 --model_offload   # one part's weights at a time
 
-Peak memory is the whole process's, weights included; the last line is `ours_s=... ref_s=... ratio=...`.
+Peak memory is the whole process's, weights included. On Linux the notes add the peak of the generations alone
+(`generation_peak_mb`: the peak count restarted after the build, so weights held then still count) and the peak
+of the build (`build_peak_mb`). The last line is `ours_s=... ref_s=... ratio=...`.
 """
 
 from __future__ import annotations
@@ -44,15 +47,22 @@ def ours(case: Case) -> Measurement:
     pipe = SVDPipeline(our_engine(case.config), verbose=False)
     if case.extra.get("forward_chunk_size"):
         pipe.enable_forward_chunking(case.extra["forward_chunk_size"])
+    if case.extra.get("model_offload"):
+        pipe.enable_model_offload()
     img = image(case)
     stages = {}
 
     def run():
         out = pipe(img, seed=0, output_type="np", **settings(case))
         stages.update({k: round(v, 3) for k, v in out.timings.items()})
+        stages.update({f"peak_mb_after_{k}": round(v) for k, v in out.stage_peak_mb.items()})
         return out
 
+    built = peak_memory_mb()
+    reset = harness.reset_peak_rss()
     times, first = harness.timed(run, case.runs, case.warmup)
+    if reset:
+        stages.update(generation_peak_mb=round(harness.peak_rss_mb()), build_peak_mb=round(built))
     return Measurement(times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops(), notes=stages)
 
 
@@ -71,8 +81,11 @@ def ref(case: Case) -> Measurement:
             return pipe(img, height=case.height, width=case.width, generator=torch.Generator().manual_seed(0),
                         output_type="np", **settings(case))  # fmt: skip
 
+    built = harness.torch_peak_mb()
+    reset = harness.reset_peak_rss()
     times, first = harness.timed(run, case.runs, case.warmup)
-    return Measurement(times, first, harness.torch_peak_mb(), matmul_gflops=harness.torch_matmul_gflops())
+    notes = dict(generation_peak_mb=round(harness.peak_rss_mb()), build_peak_mb=round(built)) if reset else {}
+    return Measurement(times, first, harness.torch_peak_mb(), matmul_gflops=harness.torch_matmul_gflops(), notes=notes)
 
 
 def describe(case: Case) -> str:
@@ -86,4 +99,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=2, help="sampling steps")
     parser.add_argument("--decode_chunk_size", type=int, default=0, help="frames per decoder call (0: all)")
     parser.add_argument("--forward_chunk_size", type=int, default=0, help="feed-forward chunking (0: off)")
-    sys.exit(harness.main(parser, ours, ref, ("steps", "decode_chunk_size", "forward_chunk_size"), describe))
+    parser.add_argument("--model_offload", action="store_true",
+                        help="ours only: hold only the running part's weights (PyNative). The reference runs "
+                             "as it is: diffusers' model offload parks weights in host memory for a GPU")  # fmt: skip
+    extra = ("steps", "decode_chunk_size", "forward_chunk_size", "model_offload")
+    sys.exit(harness.main(parser, ours, ref, extra, describe))

@@ -28,6 +28,7 @@ from modules.build import build_engine
 from modules.conditioner import scalar_batch
 from modules.diffusion.guiders import LinearPredictionGuider
 from modules.memory import peak_memory_mb
+from modules.offload import ModelOffload
 
 # callback(step, num_steps, sigma, latents (b t) 4 h w)
 StepCallback = Callable[[int, int, float, np.ndarray], None]
@@ -35,11 +36,15 @@ StepCallback = Callable[[int, int, float, np.ndarray], None]
 
 @dataclass
 class SVDOutput:
-    """frames: (videos, T, H, W, 3) uint8, (videos, T, H, W, 3) float in [0, 1], or latents (videos, T, 4, h, w)."""
+    """frames: (videos, T, H, W, 3) uint8, (videos, T, H, W, 3) float in [0, 1], or latents (videos, T, 4, h, w).
+
+    timings: seconds per stage (conditioning, sampling, decoding); stage_peak_mb: the process's peak memory at the
+    end of each stage (a running maximum, so the first stage whose value jumps is the one that set the peak)."""
 
     frames: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    stage_peak_mb: dict[str, float] = field(default_factory=dict)
 
 
 def image_to_tensor(image) -> np.ndarray:
@@ -83,6 +88,7 @@ class SVDPipeline:
         self.denoise = engine.denoise_cell()
         self.denoise.set_train(False)
         self.engine.set_train(False)
+        self.offload: ModelOffload | None = None
 
     @classmethod
     def from_config(cls, config: str, checkpoint: str | None = None, strict: bool = True, **kwargs) -> SVDPipeline:
@@ -95,6 +101,28 @@ class SVDPipeline:
 
     def disable_forward_chunking(self) -> None:
         self.engine.unet.disable_forward_chunking()
+
+    def enable_model_offload(self, folder: str | None = None) -> None:
+        """Hold only the running part's weights: the conditioner, then the UNet, then the VAE (PyNative mode).
+
+        The others wait in .npy files in `folder` (default: a temporary folder, removed with the pipeline). The
+        peak memory of a generation falls from all the weights together to about the UNet's plus its activations;
+        each generation reads the parts back from the files. See modules.offload.
+        """
+        if self.offload is None:
+            engine = self.engine
+            parts = {"conditioner": engine.conditioner, "unet": engine.model, "vae": engine.first_stage_model}
+            self.offload = ModelOffload(parts, folder)
+
+    def disable_model_offload(self) -> None:
+        """Every part back in memory."""
+        if self.offload is not None:
+            self.offload.restore()
+            self.offload = None
+
+    def _use(self, part: str) -> None:
+        if self.offload is not None:
+            self.offload.use(part)
 
     def _denoise_fn(self, num_frames: int):
         def fn(x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
@@ -154,9 +182,10 @@ class SVDPipeline:
         if h % unit or w % unit:
             raise ValueError(f"image height and width must be multiples of {unit} for this model, got {h}x{w}")
         b = num_videos_per_prompt
-        timings = {}
+        timings, peaks = {}, {}
 
         start = time.perf_counter()
+        self._use("conditioner")
         if image_noise is None:
             image_noise = rng.standard_normal(img.shape).astype(np.float32)
         batch = {
@@ -175,8 +204,10 @@ class SVDPipeline:
                 dst[k] = ops.tile(ops.repeat_interleave(src[k], t, 0), (b,) + (1,) * (src[k].ndim - 1))
             dst["vector"] = ops.tile(src["vector"], (b, 1))
         timings["conditioning"] = time.perf_counter() - start
+        peaks["conditioning"] = peak_memory_mb()
 
         start = time.perf_counter()
+        self._use("unet")
         channels = engine.unet.out_channels
         f = engine.latent_factor
         shape = (b * t, channels, h // f, w // f)
@@ -207,17 +238,20 @@ class SVDPipeline:
             sampler.guider = guider
             bar.close()
         timings["sampling"] = time.perf_counter() - start
+        peaks["sampling"] = peak_memory_mb()
 
         if output_type == "latent":
-            return SVDOutput(z.asnumpy().reshape((b, t) + shape[1:]), timings, peak_memory_mb())
+            return SVDOutput(z.asnumpy().reshape((b, t) + shape[1:]), timings, peaks["sampling"], peaks)
         start = time.perf_counter()
+        self._use("vae")
         frames = self.decode(z, t, decode_chunk_size)
         timings["decoding"] = time.perf_counter() - start
+        peaks["decoding"] = peak_memory_mb()
         frames = frames.reshape((b, t) + frames.shape[1:]).transpose(0, 1, 3, 4, 2)
         frames = np.clip((frames + 1.0) / 2.0, 0.0, 1.0)
         if output_type == "uint8":
             frames = np.round(frames * 255.0).astype(np.uint8)
-        return SVDOutput(frames, timings, peak_memory_mb())
+        return SVDOutput(frames, timings, peak_memory_mb(), peaks)
 
     def decode(self, z: Tensor, num_frames: int, chunk_size: int | None = None) -> np.ndarray:
         """Latents (b t) 4 h w -> frames (b t) 3 H W in about [-1, 1], with a progress bar over chunks."""

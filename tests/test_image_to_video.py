@@ -94,6 +94,35 @@ def test_forward_chunking_and_crop_to_size(image, tmp_path):
     assert VideoReader(str(tmp_path / "in_42.mp4")).get([0]).shape == (1, 64, 64, 3)
 
 
+def test_model_offload_holds_one_part_and_changes_nothing(image, tmp_path):
+    ms.set_context(mode=1)
+    img = np.asarray(Image.open(image))[:, :64]
+    kwargs = dict(num_frames=3, num_inference_steps=2, seed=5, output_type="np")
+    pipe = SVDPipeline(build_engine(TINY), verbose=False)
+    engine = pipe.engine
+    shapes = {p.name: p.shape for p in engine.get_parameters()}
+    big = {name for name, shape in shapes.items() if np.prod(shape) > 1}  # a freed weight is one float
+
+    def held(cell):
+        return {p.name for p in cell.get_parameters() if p.shape == shapes[p.name]} & big
+
+    ref = pipe(img, **kwargs).frames
+
+    folder = tmp_path / "offload"
+    pipe.enable_model_offload(str(folder))
+    assert not held(engine)  # right after enabling, every weight is in the folder only
+    for _ in range(2):
+        np.testing.assert_array_equal(pipe(img, **kwargs).frames, ref)
+        assert held(engine) == held(engine.first_stage_model) != set()  # only the last stage's part
+    assert {d.name for d in folder.iterdir()} == {"conditioner", "unet", "vae"}
+
+    pipe.disable_model_offload()
+    assert {p.name: p.shape for p in engine.get_parameters()} == shapes
+    np.testing.assert_array_equal(pipe(img, **kwargs).frames, ref)
+    # and from the command line
+    assert main(["--image", image, "--output_dir", str(tmp_path / "cli"), "--SVD.model_offload", "true", *FAST]) == 0
+
+
 def bad_inputs(tmp_path, image):
     """(name, extra argv, expected message part) for each bad input of the issue."""
     text = tmp_path / "notes.png"
@@ -115,6 +144,7 @@ def bad_inputs(tmp_path, image):
         ("no frames", ["--image", image, "--SVD.num_frames", "0"], "num_frames must be at least 1"),
         ("chunk 0", ["--image", image, "--SVD.decode_chunk_size", "0"], "decode_chunk_size must be between"),
         ("chunk > frames", ["--image", image, "--SVD.decode_chunk_size", "9"], "decode_chunk_size must be between"),
+        ("offload in graph mode", ["--image", image, "--SVD.model_offload", "true", "--mode", "0"], "PyNative mode"),
     ]
 
 
