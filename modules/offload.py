@@ -36,25 +36,31 @@ class ModelOffload:
         self._shapes = {name: [(tuple(p.shape), p.dtype) for p in ps] for name, ps in self._params.items()}
         self._written: set[str] = set()
         self.resident = set(parts)
-        if release:  # from now on the process holds no part until one is used
+        if release:  # every part written before any is freed: a failed write (a full disk) loses nothing
+            for name in parts:
+                self._write(name)
             for name in parts:
                 self.release(name)
 
     def _path(self, name: str, i: int) -> str:
         return os.path.join(self.folder, name, f"{i:05d}.npy")
 
+    def _write(self, name: str) -> None:
+        if name in self._written:
+            return
+        os.makedirs(os.path.join(self.folder, name), exist_ok=True)
+        for i, p in enumerate(self._params[name]):
+            data = p if p.dtype != ms.bfloat16 else p.astype(ms.float32)  # numpy has no bfloat16
+            np.save(self._path(name, i), data.asnumpy())
+        self._written.add(name)
+
     def release(self, name: str) -> None:
-        """Move `name`'s weights to the folder (written the first time) and free them."""
+        """Move `name`'s weights to the folder (written the first time only: generation does not change them) and
+        free them."""
         if name not in self.resident:
             return
-        params = self._params[name]
-        if name not in self._written:
-            os.makedirs(os.path.join(self.folder, name), exist_ok=True)
-            for i, p in enumerate(params):
-                data = p if p.dtype != ms.bfloat16 else p.astype(ms.float32)  # numpy has no bfloat16
-                np.save(self._path(name, i), data.asnumpy())
-            self._written.add(name)
-        for p in params:
+        self._write(name)
+        for p in self._params[name]:
             p.set_data(Tensor(_EMPTY).astype(p.dtype), slice_shape=True)
         self.resident.discard(name)
 

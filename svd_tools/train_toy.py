@@ -42,6 +42,15 @@ def run(cmd: list[str], log: str | None = None) -> None:
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def unet_steps(max_steps: int | None) -> int:
+    """The UNet's optimizer steps: --max_steps, or the train config's."""
+    if max_steps is not None:
+        return max_steps
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(os.path.join(ROOT, TRAIN)).train.max_steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="output/toy", help="dataset, intermediate weights and the training run")
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.assets, "provenance.json"), "w") as f:
         json.dump({"command": " ".join(["python", "svd_tools/train_toy.py", *(argv or sys.argv[1:])]),
                    "seed": args.seed, "videos": args.videos, "vae_steps": args.vae_steps,
-                   "decoder_steps": args.decoder_steps,
+                   "decoder_steps": args.decoder_steps, "unet_steps": unet_steps(args.max_steps),
                    "example": heldout[0]}, f, indent=2)  # fmt: skip
     print(f"wrote {args.assets}")
     return 0
