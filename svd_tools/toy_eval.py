@@ -9,8 +9,8 @@
 
     python svd_tools/toy_eval.py --checkpoint assets/toy/svd_toy.ckpt --images output/toy/data/heldout
 
-Toy shapes are drawn with every channel value at least 150 on backgrounds whose channels stay below 125, so a
-threshold on the brightest channel separates them.
+A toy shape's brightest channel is at least 210 and every background channel stays below 100
+(svd_tools/toy_world.py), so a threshold on the brightest channel separates them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-SHAPE_THRESHOLD = 137  # between the darkest shape channel (150) and the brightest background one (120)
+SHAPE_THRESHOLD = 155  # halfway between a shape's brightest channel (210 or more) and any background one (below 100)
 MIN_BLOB = 6  # pixels; smaller specks do not count as blobs
 
 

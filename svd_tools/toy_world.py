@@ -1,13 +1,17 @@
 """A procedural toy world of short videos with known motion: one coloured disc or square of a fixed size on a plain
 or gradient background, moving in a straight line at a fixed speed, or still.
 
-The direction is a rule of the world that the first frame shows: discs move to the right, squares move down. Shapes
+The direction is a rule of the world that the first frame shows: discs move to the right, squares move down, and
+each kind has its own colours (discs warm: red, orange, yellow; squares cool: blue, cyan), so that a model can tell
+them apart from their colour as well as their outline, which at 8x downsampling is about two latent pixels. Shapes
 start where their whole path over a clip of CLIP_FRAMES frames stays inside the picture, so they never reach a
 border. Only the speed is hidden, and a clip's motion bucket (measured from its pixels) tells it. So a model
 conditioned on the first frame and the motion bucket has one right answer to learn, and a generated video can be
 checked against it. Each rule removes an ambiguity that a model trained for an hour on a CPU could not resolve and
 would average into smeared or dimmed shapes:
 - a random direction per shape (it averages the directions);
+- kinds told apart by their outline alone (one colour range for both): the model could not read the kind, and hedged
+  by splitting the shape into a piece moving right and a piece moving down;
 - bounces off the borders (it cannot tell from the first frame when the shape turns);
 - shapes of many sizes, or several shapes (the measured motion grows with the moving area as well as the speed, so
   one bucket would mean several speeds);
@@ -23,6 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+BACKGROUND = (20, 100)  # the range of every background channel
+# A shape's channels: BRIGHT for red (discs) or blue (squares), MIDDLE for green, DARK for the other one, so that
+# a shape's brightest channel is above every background channel
+BRIGHT, MIDDLE, DARK = (210, 256), (40, 200), (0, 60)
 SPEEDS = (0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)  # pixels per frame; still clips twice as likely
 CLIP_FRAMES = 16  # the longest clip; shapes are placed so that they stay whole and inside for this many frames
 RADIUS = 0.12  # of the frame size: half the side of a square, the radius of a disc
@@ -40,11 +48,11 @@ class Shape:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A plain colour or a two-colour gradient along a random direction: (size, size, 3) float in 0..255."""
-    base = rng.uniform(20, 120, 3)
+    base = rng.uniform(*BACKGROUND, 3)
     if rng.random() < 0.5:
         return np.broadcast_to(base, (size, size, 3)).astype(np.float32)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    other = rng.uniform(20, 120, 3)
+    other = rng.uniform(*BACKGROUND, 3)
     angle = rng.uniform(0, 2 * np.pi)
     u = np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5)  # -0.71..0.71 along the gradient
     t = np.clip(0.5 + u / np.sqrt(2), 0, 1)[..., None]
@@ -64,7 +72,7 @@ def _coverage(shape: Shape, size: int, ss: int = 4) -> np.ndarray:
 
 
 def random_shapes(rng: np.random.Generator, size: int, speed: float | None = None) -> list[Shape]:
-    """The world's one shape, of a bright colour, moving at `speed` (drawn from SPEEDS if None) from where its path
+    """The world's one shape, of its kind's colours, moving at `speed` (drawn from SPEEDS if None) from where its path
     over CLIP_FRAMES frames stays inside the picture. A list, as `render_clip` draws every shape of a scene."""
     speed = float(rng.choice(SPEEDS)) if speed is None else speed
     if speed < 0 or speed * (CLIP_FRAMES - 1) > size * (1 - 2 * RADIUS) - 2:
@@ -74,7 +82,9 @@ def random_shapes(rng: np.random.Generator, size: int, speed: float | None = Non
     vel = speed * np.array(DIRECTIONS[kind])
     lo = radius + 1
     hi = size - radius - 1 - np.abs(vel) * (CLIP_FRAMES - 1)  # per axis: the path ends inside
-    color = rng.integers(150, 256, 3).astype(np.uint8)
+    bright, middle, dark = rng.integers(*BRIGHT), rng.integers(*MIDDLE), rng.integers(*DARK)
+    rgb = (bright, middle, dark) if kind == "disc" else (dark, middle, bright)
+    color = np.array(rgb, dtype=np.uint8)
     return [Shape(kind=kind, radius=radius, color=color, pos=lo + rng.random(2) * (hi - lo), vel=vel)]
 
 

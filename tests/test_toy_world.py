@@ -34,6 +34,20 @@ def test_discs_move_right_and_squares_move_down():
     assert seen == {"disc", "square"}
 
 
+def test_the_kind_shows_in_the_colour_and_shapes_stand_out():
+    """Discs are warm (red above blue), squares cool (blue above red), and a shape's brightest channel is above
+    every background channel, so that shape_mask finds the shape and nothing else."""
+    for seed in range(40):
+        background, shapes = scene(seed, 64)
+        red, _, blue = shapes[0].color.astype(int)
+        warm = red - blue >= 150
+        cool = blue - red >= 150
+        assert (warm, cool) == ((True, False) if shapes[0].kind == "disc" else (False, True)), (seed, shapes[0])
+        assert not shape_mask(np.clip(background + 0.5, 0, 255).astype(np.uint8)).any()
+        frame = render_clip(seed, 1, 64)[0][0]
+        assert shape_mask(frame).sum() >= 0.9 * np.pi * (RADIUS * 64) ** 2  # the disc's area; a square's is larger
+
+
 def test_shape_shift_reads_the_shapes_displacement():
     for seed in range(6):
         kind = scene(seed, 64, speed=2.0)[1][0].kind
