@@ -1,11 +1,15 @@
 """Building blocks against PyTorch on random inputs and random affine parameters."""
 
+import os
+import shutil
+
 import mindspore as ms
 import numpy as np
 import pytest
 import torch
 from mindspore import Tensor
 
+from modules import kernels
 from modules.layers import GELU, GroupNorm
 
 
@@ -64,3 +68,45 @@ def test_gelu_and_its_gradient_match_torch(mode, approximate):
     g16 = ms.grad(loss)(Tensor(x, ms.float16))
     assert g16.dtype == ms.float16
     np.testing.assert_allclose(g16.asnumpy().astype(np.float32), xt.grad.numpy(), rtol=1e-2, atol=2e-2)
+
+
+def _gelu_cells(monkeypatch, kernel: bool):
+    """GELU and GEGLU built with the compiled kernels or with MindSpore's own operators."""
+    from modules.attention import GEGLU
+
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernel else "0")
+    gelu, geglu = GELU(), GEGLU(6, 5)
+    assert (gelu.kernel is not None) == kernel and (geglu.kernel is not None) == kernel
+    return gelu, geglu
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
+def test_cpu_kernels_build_into_the_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        path = kernels.library()
+        assert path is not None and os.path.dirname(path) == str(tmp_path / "svd_mindspore")
+        assert os.listdir(tmp_path / "svd_mindspore") == [os.path.basename(path)]  # no temporary file left
+    finally:
+        kernels.library.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
+@pytest.mark.parametrize("mode", [0, 1])
+def test_gelu_kernels_agree_with_mindspores_own_operators(monkeypatch, mode):
+    """GELU and GEGLU, outputs and gradients: the compiled kernels against the fallback, on a transposed input too
+    (PyNative may hand the kernel a view)."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(2)
+    x = Tensor((rng.standard_normal((4, 7, 10)) * 3).astype(np.float32))
+    xt = Tensor((rng.standard_normal((10, 7, 4)) * 3).astype(np.float32)).transpose(2, 1, 0)
+    fast, slow = _gelu_cells(monkeypatch, True), _gelu_cells(monkeypatch, False)
+    slow[1].proj.weight.set_data(fast[1].proj.weight.value())
+    slow[1].proj.bias.set_data(fast[1].proj.bias.value())
+    for k, inp in ((0, x), (0, xt), (1, x[..., :6])):
+        ours, ref = fast[k], slow[k]
+        np.testing.assert_allclose(ours(inp).asnumpy(), ref(inp).asnumpy(), rtol=1e-5, atol=1e-6)
+        g_ours = ms.grad(ours)(inp).asnumpy()
+        g_ref = ms.grad(ref)(inp).asnumpy()
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
