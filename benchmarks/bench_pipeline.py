@@ -58,11 +58,8 @@ def ours(case: Case) -> Measurement:
         stages.update({f"peak_mb_after_{k}": round(v) for k, v in out.stage_peak_mb.items()})
         return out
 
-    built = peak_memory_mb()
-    reset = harness.reset_peak_rss()
-    times, first = harness.timed(run, case.runs, case.warmup)
-    if reset:
-        stages.update(generation_peak_mb=round(harness.peak_rss_mb()), build_peak_mb=round(built))
+    times, first, peaks = harness.timed_after_build(run, case.runs, case.warmup, peak_memory_mb())
+    stages.update(peaks)
     return Measurement(times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops(), notes=stages)
 
 
@@ -81,10 +78,7 @@ def ref(case: Case) -> Measurement:
             return pipe(img, height=case.height, width=case.width, generator=torch.Generator().manual_seed(0),
                         output_type="np", **settings(case))  # fmt: skip
 
-    built = harness.torch_peak_mb()
-    reset = harness.reset_peak_rss()
-    times, first = harness.timed(run, case.runs, case.warmup)
-    notes = dict(generation_peak_mb=round(harness.peak_rss_mb()), build_peak_mb=round(built)) if reset else {}
+    times, first, notes = harness.timed_after_build(run, case.runs, case.warmup, harness.torch_peak_mb())
     return Measurement(times, first, harness.torch_peak_mb(), matmul_gflops=harness.torch_matmul_gflops(), notes=notes)
 
 

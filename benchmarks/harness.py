@@ -75,6 +75,16 @@ def timed(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[obje
     return times, first
 
 
+def timed_after_build(fn: Callable[[], object], runs: int, warmup: int, build_peak_mb: float):
+    """`timed`, with the peak memory of the calls alone: (times, warmup seconds, notes). On Linux the notes hold
+    `generation_peak_mb` (the peak count restarted before the calls, so what is held then still counts) and
+    `build_peak_mb`; elsewhere they are empty."""
+    reset = reset_peak_rss()
+    times, first = timed(fn, runs, warmup)
+    notes = dict(generation_peak_mb=round(peak_rss_mb()), build_peak_mb=round(build_peak_mb)) if reset else {}
+    return times, first, notes
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
