@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "%d videos (%d rows skipped), %d rank(s), %d batches of %d clips x %d frames %dx%d per epoch; "
         "%d optimizer steps (accumulation %d), mode %s, %s",
         len(dataset), dataset.num_skipped, world, len(loader), loader.batch_size, dataset.frames, dataset.width,
-        dataset.height, total_steps, accum, args.environment.mode, f"{t.amp_level} {t.amp_dtype}" if half else "fp32",
+        dataset.height, stop, accum, args.environment.mode, f"{t.amp_level} {t.amp_dtype}" if half else "fp32",
     )  # fmt: skip
     if resume is not None:
         logger.info("resumed from %s: step %d, epoch %d, batch %d", resume, step, epoch, batch_idx)
