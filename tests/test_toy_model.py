@@ -23,7 +23,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-UNSEEN = [HELDOUT_SEED + 100 + k for k in range(3)]  # far from the training seeds (0..videos-1) and the shipped images
+def unseen_seeds(per_kind: int = 2) -> list[int]:
+    """The first `per_kind` discs and squares from HELDOUT_SEED + 100 on: far from the training seeds (0..videos-1)
+    and the shipped images."""
+    seeds, seed = [], HELDOUT_SEED + 100
+    while len(seeds) < 2 * per_kind:
+        kind = scene(seed, 64)[1][0].kind
+        if sum(scene(s, 64)[1][0].kind == kind for s in seeds) < per_kind:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+UNSEEN = unseen_seeds()
 
 
 def unseen_images() -> list[np.ndarray]:
@@ -38,17 +50,21 @@ def report():
     return evaluate(pipe, unseen_images(), BUCKETS, seeds=[0, 1], fps=FPS)
 
 
-# The committed run does not meet this one yet (issue #6 stays open): the shape keeps its area (0.82-1.38 times the
-# first frame's) but splits into two or three pieces in one or two frames of 8 of the 18 videos. strict: a pass
-# fails the suite, so the marker goes as soon as better weights are committed.
-NOT_YET = pytest.mark.xfail(strict=True, reason="the committed toy shapes split into pieces in a few frames")
+# The committed run does not meet these two yet (issue #6 stays open). strict: a pass fails the suite, so a marker
+# goes as soon as better weights are committed.
+# The shape stays one blob in every frame of all 24 videos, but in the fastest frames of one image (bucket 230) it
+# keeps only 0.54-0.59 of its area.
+SHRINKS = pytest.mark.xfail(strict=True, reason="one image's shape shrinks to 0.54 of its area at bucket 230")
+# On these images bucket 120 moves the shape no further than bucket 10 (about 1 pixel over the clip), though the
+# optical flow grows with the bucket.
+SLOW_MIDDLE = pytest.mark.xfail(strict=True, reason="bucket 120 moves the shape no further than bucket 10")
 
 
 def test_first_frame_keeps_the_conditioning_image(report):
     assert report["min_first_frame_psnr"] >= 20.0
 
 
-@NOT_YET
+@SHRINKS
 def test_shapes_stay_whole_blobs_of_about_the_same_area(report):
     assert report["blobs_kept"], [(r["blobs_expected"], r["blobs_per_frame"]) for r in report["videos"]]
     lo, hi = report["area_ratio_range"]
@@ -62,13 +78,13 @@ def test_motion_grows_with_the_motion_bucket(report):
     assert np.isfinite(list(flow.values())).all()
 
 
+@SLOW_MIDDLE
 def test_shapes_move_further_at_higher_buckets(report):
     shift = report["shape_shift_by_bucket"]  # pixels from the first frame to the last, mean over images and seeds
     assert shift[BUCKETS[0]] < shift[BUCKETS[1]] < shift[BUCKETS[2]], shift
     assert shift[BUCKETS[-1]] > 2 * shift[BUCKETS[0]], shift
 
 
-@pytest.mark.xfail(strict=True, reason="one of the six bucket-230 videos moves its disc down, a square's way")
 def test_shapes_move_the_worlds_way(report):
     """At the highest bucket every shape moves mostly along its kind's direction (discs right, squares down)."""
     for r in report["videos"]:
