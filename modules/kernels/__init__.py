@@ -1,14 +1,15 @@
 """Compiled CPU kernels for the operations where MindSpore's own CPU kernels are the bottleneck.
 
-The exact GELU: MindSpore's CPU erf is a scalar loop (242 ms for the 18 M values of one SVD feed-forward at
-14 frames of 128x128, against 16 ms for `gelu.cc` here on 2 cores), and the SVD UNet runs 48 of them per
+The exact GELU: MindSpore's CPU erf is slow (242 ms for the 18 M values of one SVD feed-forward at
+14 frames of 128x128, against 16 ms for the loop of `gelu.cc` on 2 cores), and the SVD UNet runs 48 of them per
 evaluation. `gelu.cc` computes GELU, its derivative and the gated GEGLU with vectorised erfc and exp from glibc's
 vector math library, on all cores.
 
 The source is built with g++ at first use into a cache folder (`$XDG_CACHE_HOME/svd_mindspore`, else
-`~/.cache/svd_mindspore`), once per source and compiler flags, and loaded as MindSpore AOT custom operators.
+`~/.cache/svd_mindspore`), once per source, compiler flags and CPU, and loaded as MindSpore AOT custom operators.
 Where they cannot be used (the device is not the CPU, no g++, a glibc older than 2.35, or `SVD_CPU_KERNELS=0`),
-`gelu_op` and `geglu_op` return None and the layers use MindSpore's own operators, with the same results.
+`gelu_op` and `geglu_op` return None and the layers use MindSpore's own operators, whose results agree to float32
+rounding.
 """
 
 from __future__ import annotations
