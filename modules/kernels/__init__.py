@@ -87,12 +87,9 @@ def enabled() -> bool:
     return library() is not None
 
 
-def _same_shape(shape, *_):
-    return shape
-
-
-def _same_dtype(dtype, *_):
-    return dtype
+def _like_first(first, *_):
+    """Shape or dtype inference: the output is like the first input."""
+    return first
 
 
 def _half_last(shape):
@@ -105,17 +102,17 @@ def _custom(forward: str, backward: str, out_shape):
     if not enabled():
         return None
     lib = library()
-    grad = ops.Custom(f"{lib}:{backward}", _same_shape, _same_dtype, func_type="aot")
+    grad = ops.Custom(f"{lib}:{backward}", _like_first, _like_first, func_type="aot")
 
     def bprop(x, out, dout):
         return (grad(x, dout),)
 
-    return ops.Custom(f"{lib}:{forward}", out_shape, _same_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{lib}:{forward}", out_shape, _like_first, func_type="aot", bprop=bprop)
 
 
 def gelu_op():
     """The exact GELU of a float32 tensor, with its gradient; or None (see the module)."""
-    return _custom("GeluForward", "GeluBackward", _same_shape)
+    return _custom("GeluForward", "GeluBackward", _like_first)
 
 
 def geglu_op():
