@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-SHAPE_THRESHOLD = 155  # halfway between a shape's brightest channel (210 or more) and any background one (below 100)
+SHAPE_THRESHOLD = 140  # halfway between a shape's brightest channel (210 or more) and any background one (70 or less)
 MIN_BLOB = 6  # pixels; smaller specks do not count as blobs
 
 

@@ -2,7 +2,7 @@
 or gradient background, moving in a straight line at a fixed speed, or still.
 
 The direction is a rule of the world that the first frame shows: discs move to the right, squares move down, and
-each kind has its own colours (discs warm: red, orange, yellow; squares cool: blue, cyan), so that a model can tell
+each kind has its own colours (discs warm: yellow, orange; squares cool: cyan, sky blue), so that a model can tell
 them apart from their colour as well as their outline, which at 8x downsampling is about two latent pixels. Shapes
 start where their whole path over a clip of CLIP_FRAMES frames stays inside the picture, so they never reach a
 border. Only the speed is hidden, and a clip's motion bucket (measured from its pixels) tells it. So a model
@@ -15,7 +15,9 @@ would average into smeared or dimmed shapes:
 - bounces off the borders (it cannot tell from the first frame when the shape turns);
 - shapes of many sizes, or several shapes (the measured motion grows with the moving area as well as the speed, so
   one bucket would mean several speeds);
-- striped backgrounds (the tiny first stage could not reconstruct them, which capped the first frame's PSNR).
+- striped backgrounds (the tiny first stage could not reconstruct them, which capped the first frame's PSNR);
+- shapes about as bright in grey as their background (a clip's motion bucket comes from optical flow on grey
+  levels, which barely sees such a shape move, so fast clips got the buckets of slow ones).
 
 Everything is drawn from a seed, so the same seed gives the same clip. Shapes are drawn with anti-aliased edges
 (4x supersampling) so that slow motion is visible as sub-pixel change.
@@ -27,10 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BACKGROUND = (20, 100)  # the range of every background channel
-# A shape's channels: BRIGHT for red (discs) or blue (squares), MIDDLE for green, DARK for the other one, so that
-# a shape's brightest channel is above every background channel
-BRIGHT, MIDDLE, DARK = (210, 256), (40, 200), (0, 60)
+BACKGROUND = (10, 70)  # the range of every background channel
+# A shape's channels: BRIGHT for red (discs) or blue (squares), MIDDLE for green, DARK for the other one, so that a
+# shape's brightest channel is far above every background channel, and so is its grey level (mostly green), which
+# the motion buckets are measured on: at least 112 against at most 70
+BRIGHT, MIDDLE, DARK = (210, 256), (150, 231), (0, 60)
 SPEEDS = (0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)  # pixels per frame; still clips twice as likely
 CLIP_FRAMES = 16  # the longest clip; shapes are placed so that they stay whole and inside for this many frames
 RADIUS = 0.12  # of the frame size: half the side of a square, the radius of a disc

@@ -35,8 +35,10 @@ def test_discs_move_right_and_squares_move_down():
 
 
 def test_the_kind_shows_in_the_colour_and_shapes_stand_out():
-    """Discs are warm (red above blue), squares cool (blue above red), and a shape's brightest channel is above
-    every background channel, so that shape_mask finds the shape and nothing else."""
+    """Discs are warm (red above blue), squares cool (blue above red), a shape's brightest channel is above every
+    background channel, so that shape_mask finds the shape and nothing else, and its grey level (what the motion
+    buckets are measured on) is well above every background pixel's."""
+    grey = np.array([0.299, 0.587, 0.114])  # OpenCV's RGB2GRAY weights
     for seed in range(40):
         background, shapes = scene(seed, 64)
         red, _, blue = shapes[0].color.astype(int)
@@ -44,6 +46,7 @@ def test_the_kind_shows_in_the_colour_and_shapes_stand_out():
         cool = blue - red >= 150
         assert (warm, cool) == ((True, False) if shapes[0].kind == "disc" else (False, True)), (seed, shapes[0])
         assert not shape_mask(np.clip(background + 0.5, 0, 255).astype(np.uint8)).any()
+        assert shapes[0].color @ grey - (background @ grey).max() >= 40, (seed, shapes[0].color)
         frame = render_clip(seed, 1, 64)[0][0]
         assert shape_mask(frame).sum() >= 0.9 * np.pi * (RADIUS * 64) ** 2  # the disc's area; a square's is larger
 
@@ -86,4 +89,6 @@ def test_dataset_buckets_follow_the_true_speed(tmp_path):
     buckets = rows["motion_bucket_id"].to_numpy()
     assert (speed == 0).any() and (speed >= 1.5).any()
     assert buckets[speed == 0].max() < buckets[speed >= 1.5].min()
+    faster = speed[:, None] >= speed[None, :] + 1.0  # pairs a whole pixel a frame apart
+    assert (buckets[:, None] > buckets[None, :])[faster].all(), sorted(zip(speed, buckets))
     assert len(list((tmp_path / "heldout").glob("*.png"))) == 2
