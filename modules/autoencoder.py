@@ -63,12 +63,13 @@ def _normalization(enabled: bool):
         _NORM_ENABLED.pop()
 
 
-def Normalize(channels: int, num_groups: int | None = None) -> nn.Cell:  # noqa: N802 (sgm's name)
+def Normalize(channels: int, num_groups: int | None = None, silu: bool = False) -> nn.Cell:  # noqa: N802 (sgm's name)
     """The VAE normalisation: GroupNorm(32) with eps 1e-6 (see layers.norm_groups for narrow models), or an
-    identity inside a first stage built with `norm=False`."""
+    identity inside a first stage built with `norm=False`; followed by SiLU (swish) if `silu`, fused into the
+    GroupNorm."""
     if not _NORM_ENABLED[-1]:
-        return Identity()
-    return GroupNorm(num_groups or default_norm_groups(), channels, eps=1e-6)
+        return SiLU() if silu else Identity()
+    return GroupNorm(num_groups or default_norm_groups(), channels, eps=1e-6, silu=silu)
 
 
 class ResnetBlock(nn.Cell):
@@ -90,15 +91,15 @@ class ResnetBlock(nn.Cell):
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, silu=True)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.has_temb = temb_channels > 0
         if self.has_temb:
             self.temb_proj = Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, silu=True)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else Identity()
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.act = SiLU()
+        self.act = SiLU()  # of the time embedding; the norms' own SiLU is fused into them
         self.has_shortcut = in_channels != out_channels
         self.use_conv_shortcut = conv_shortcut
         if self.has_shortcut:
@@ -108,10 +109,10 @@ class ResnetBlock(nn.Cell):
                 self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def construct(self, x: Tensor, temb: Tensor | None = None, timesteps: int | None = None) -> Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv1(self.norm1(x))
         if self.has_temb and temb is not None:
             h = h + self.temb_proj(self.act(temb)).reshape(temb.shape[0], -1, 1, 1)
-        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         if self.has_shortcut:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return x + h
@@ -268,8 +269,7 @@ class Encoder(nn.Cell):
                 make_attn(block_in, attn_type),
                 ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout),
             )
-            self.norm_out = Normalize(block_in)
-            self.act = SiLU()
+            self.norm_out = Normalize(block_in, silu=True)
             self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -282,7 +282,7 @@ class Encoder(nn.Cell):
             if level.has_resample:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(self.act(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Cell):
@@ -346,8 +346,7 @@ class Decoder(nn.Cell):
                     curr_res *= 2
                 levels[i_level] = _Level(blocks, attns, up, "upsample")
             self.up = nn.CellList(levels)
-            self.norm_out = Normalize(block_in)
-            self.act = SiLU()
+            self.norm_out = Normalize(block_in, silu=True)
             self.conv_out = self._make_conv_out(block_in, out_ch)
 
     def _make_resblock(self, in_channels: int, out_channels: int, dropout: float) -> nn.Cell:
@@ -375,7 +374,7 @@ class Decoder(nn.Cell):
                 h = level.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.act(self.norm_out(h))
+        h = self.norm_out(h)
         h = self.conv_out(h, timesteps) if self.temporal_conv_out else self.conv_out(h)
         if self.tanh_out:
             h = ops.tanh(h)

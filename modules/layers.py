@@ -116,16 +116,18 @@ def default_norm_groups() -> int:
 
 
 class GroupNorm(nn.Cell):
-    """GroupNorm over (N, C, *) with per-channel affine `weight`/`bias`.
-
-    Each group is normalised as one row of a LayerNorm over (N, G, C/G * spatial), which is much faster on CPU than
-    the dedicated GroupNorm kernel. The per-channel affine follows as a depthwise 1x1 convolution and a BiasAdd:
-    spreading it over the LayerNorm's row shape instead costs a BroadcastTo as large as the input on every call,
-    and broadcasting arithmetic keeps index tables as large as its output in graph mode. Statistics are taken in
+    """GroupNorm over (N, C, *) with per-channel affine `weight`/`bias`, followed by SiLU if `silu` (the two always
+    come together in SVD's blocks, and one kernel does both in three passes over memory). Statistics are taken in
     float32.
+
+    On the CPU it runs the compiled kernel of `modules.kernels` where it builds. Otherwise each group is normalised
+    as one row of a LayerNorm over (N, G, C/G * spatial), which is much faster on CPU than MindSpore's GroupNorm
+    kernel, and the per-channel affine follows as a depthwise 1x1 convolution and a BiasAdd: spreading it over the
+    LayerNorm's row shape instead costs a BroadcastTo as large as the input on every call, and broadcasting
+    arithmetic keeps index tables as large as its output in graph mode.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, silu: bool = False):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
@@ -133,16 +135,29 @@ class GroupNorm(nn.Cell):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        self.layer_norm = ops.LayerNorm(2, 2, eps)  # normalise each (n, g) row; unit scale and zero shift
+        self.silu = silu
         if affine:
             self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
             self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
+        self.kernel = kernels.group_norm_op(num_groups, silu)
+        if self.kernel is not None:
+            self.eps_tensor = Tensor([eps], ms.float32)
+            return
+        self.layer_norm = ops.LayerNorm(2, 2, eps)  # normalise each (n, g) row; unit scale and zero shift
+        if affine:
             self.scale = ops.Conv2D(num_channels, 1, group=num_channels)
             self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
-        shape = x.shape
         dtype = x.dtype
+        if self.kernel is not None:
+            if self.affine:
+                weight, bias = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+            else:
+                weight, bias = ops.ones((self.num_channels,), ms.float32), ops.zeros((self.num_channels,), ms.float32)
+            y, _, _ = self.kernel(x.astype(ms.float32), weight, bias, self.eps_tensor)
+            return y.astype(dtype)
+        shape = x.shape
         xr = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
         length = xr.shape[2]
         y, _, _ = self.layer_norm(xr, ops.ones((length,), ms.float32), ops.zeros((length,), ms.float32))
@@ -150,7 +165,10 @@ class GroupNorm(nn.Cell):
             c = self.num_channels
             y = self.scale(y.reshape(shape[0], c, -1, 1), self.weight.astype(ms.float32).reshape(c, 1, 1, 1))
             y = self.bias_add(y, self.bias.astype(ms.float32))
-        return y.reshape(shape).astype(dtype)
+        y = y.reshape(shape)
+        if self.silu:
+            y = y * ops.sigmoid(y)
+        return y.astype(dtype)
 
 
 class LayerNorm(nn.Cell):

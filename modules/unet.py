@@ -40,8 +40,9 @@ __all__ = [
 TEMPORAL_KEYWORDS = ("time_stack", "time_mixer", "time_pos_embed")
 
 
-def _norm(channels: int) -> GroupNorm:
-    return GroupNorm(default_norm_groups(), channels, eps=1e-5)  # sgm `normalization` (32 groups)
+def _norm(channels: int, silu: bool = False) -> GroupNorm:
+    """sgm's `normalization` (32 groups), with the SiLU that follows it fused in if `silu`."""
+    return GroupNorm(default_norm_groups(), channels, eps=1e-5, silu=silu)
 
 
 def _conv(dims: int, cin: int, cout: int, kernel: int | Sequence[int], stride: int = 1) -> nn.Cell:
@@ -124,7 +125,10 @@ class ResBlock(nn.Cell):
         self.skip_t_emb = skip_t_emb
         self.exchange_temb_dims = exchange_temb_dims and not skip_t_emb
         out_ch = self.out_channels
-        self.in_layers = nn.SequentialCell([_norm(channels), SiLU(), _conv(dims, channels, out_ch, kernel_size)])
+        # The SiLU after each GroupNorm runs inside it; an Identity keeps its place, and the checkpoint names
+        self.in_layers = nn.SequentialCell(
+            [_norm(channels, silu=True), Identity(), _conv(dims, channels, out_ch, kernel_size)]
+        )
         self.updown = up or down
         if up:
             self.h_upd = Upsample(channels, False, dims)
@@ -141,8 +145,9 @@ class ResBlock(nn.Cell):
             self.bias_add = ops.BiasAdd()
         self.out_layers = nn.SequentialCell(
             [
-                _norm(out_ch),
-                SiLU(),
+                # with scale and shift, the SiLU comes after them
+                _norm(out_ch, silu=not use_scale_shift_norm),
+                SiLU() if use_scale_shift_norm else Identity(),
                 nn.Dropout(p=dropout) if dropout > 0 else Identity(),
                 zero_module(_conv(dims, out_ch, out_ch, kernel_size)),
             ]
@@ -378,7 +383,7 @@ class VideoUNet(nn.Cell):
                 blocks.append(TimestepEmbedSequential(layers))
         self.output_blocks = nn.CellList(blocks)
         self.out = nn.SequentialCell(
-            [_norm(ch), SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1))]
+            [_norm(ch, silu=True), Identity(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1))]
         )
 
     def construct(

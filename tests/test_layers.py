@@ -14,14 +14,17 @@ from modules.layers import GELU, GroupNorm
 
 
 @pytest.mark.parametrize("mode", [0, 1])
-@pytest.mark.parametrize("shape, groups", [((2, 32, 6, 5), 8), ((1, 16, 3, 4, 5), 4), ((2, 8, 7), 1)])
-def test_group_norm_matches_torch_with_its_affine_and_gradients(mode, shape, groups):
+@pytest.mark.parametrize(
+    "shape, groups, silu", [((2, 32, 6, 5), 8, False), ((1, 16, 3, 4, 5), 4, True), ((2, 8, 7), 1, True)]
+)
+def test_group_norm_matches_torch_with_its_affine_and_gradients(mode, shape, groups, silu):
+    """GroupNorm, alone or with its SiLU fused in (the compiled kernel where it builds)."""
     ms.set_context(mode=mode)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
     weight = rng.standard_normal(shape[1]).astype(np.float32)
     bias = rng.standard_normal(shape[1]).astype(np.float32)
-    ours = GroupNorm(groups, shape[1], eps=1e-6)
+    ours = GroupNorm(groups, shape[1], eps=1e-6, silu=silu)
     ours.weight.set_data(Tensor(weight))
     ours.bias.set_data(Tensor(bias))
     ref = torch.nn.GroupNorm(groups, shape[1], eps=1e-6)
@@ -29,7 +32,7 @@ def test_group_norm_matches_torch_with_its_affine_and_gradients(mode, shape, gro
         ref.weight.copy_(torch.from_numpy(weight))
         ref.bias.copy_(torch.from_numpy(bias))
     xt = torch.from_numpy(x).requires_grad_(True)
-    yt = ref(xt)
+    yt = torch.nn.functional.silu(ref(xt)) if silu else ref(xt)
     np.testing.assert_allclose(ours(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-4, atol=1e-4)
 
     # gradients for the input and both affine parameters, through a weighted sum
@@ -110,3 +113,40 @@ def test_gelu_kernels_agree_with_mindspores_own_operators(monkeypatch, mode):
         g_ours = ms.grad(ours)(inp).asnumpy()
         g_ref = ms.grad(ref)(inp).asnumpy()
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
+@pytest.mark.parametrize("mode", [0, 1])
+def test_group_norm_kernel_agrees_with_mindspores_own_operators(monkeypatch, mode):
+    """GroupNorm with and without SiLU, affine or not, on 4-D and 5-D inputs, a float16 input and a transposed view:
+    the compiled kernel against the fallback, outputs and gradients."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(3)
+    x4 = Tensor((rng.standard_normal((3, 12, 5, 7)) * 2 - 1).astype(np.float32))
+    x5 = Tensor((rng.standard_normal((2, 12, 4, 3, 5)) * 2 + 1).astype(np.float32))
+    view = Tensor(rng.standard_normal((7, 5, 12, 3)).astype(np.float32)).transpose(3, 2, 1, 0)
+    for silu, affine in ((True, True), (False, True), (True, False)):
+        cells = []
+        for kernel in (True, False):
+            monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernel else "0")
+            cells.append(GroupNorm(4, 12, eps=1e-6, affine=affine, silu=silu))
+            assert (cells[-1].kernel is not None) == kernel
+        fast, slow = cells
+        if affine:
+            for p, q in zip(fast.trainable_params(), slow.trainable_params()):
+                values = rng.standard_normal(p.shape).astype(np.float32)
+                p.set_data(Tensor(values))
+                q.set_data(Tensor(values))
+        for inp in (x4, x5, view, x4.astype(ms.float16)):
+            y = fast(inp)
+            assert y.dtype == inp.dtype and y.shape == inp.shape
+            tol = 2e-3 if inp.dtype == ms.float16 else 1e-5
+            np.testing.assert_allclose(y.asnumpy(), slow(inp).asnumpy(), rtol=tol, atol=tol)
+            if affine:
+                g_fast, (*g_fast_params,) = ms.grad(fast, 0, fast.trainable_params())(inp)
+                g_slow, (*g_slow_params,) = ms.grad(slow, 0, slow.trainable_params())(inp)
+            else:
+                g_fast, g_slow, g_fast_params, g_slow_params = ms.grad(fast)(inp), ms.grad(slow)(inp), [], []
+            assert g_fast.dtype == inp.dtype and len(g_fast_params) == (2 if affine else 0)
+            for a, b in zip([g_fast, *g_fast_params], [g_slow, *g_slow_params]):
+                np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=10 * tol, atol=10 * tol)

@@ -1,15 +1,17 @@
 """Compiled CPU kernels for the operations where MindSpore's own CPU kernels are the bottleneck.
 
-The exact GELU: MindSpore's CPU erf is slow (242 ms for the 18 M values of one SVD feed-forward at
-14 frames of 128x128, against 16 ms for the loop of `gelu.cc` on 2 cores), and the SVD UNet runs 48 of them per
-evaluation. `gelu.cc` computes GELU, its derivative and the gated GEGLU with vectorised erfc and exp from glibc's
-vector math library, on all cores.
+- The exact GELU: MindSpore's CPU erf is slow (242 ms for the 18 M values of one SVD feed-forward at 14 frames of
+  128x128, against 16 ms for the loop of `gelu.cc` on 2 cores), and the SVD UNet runs 48 of them per evaluation.
+  `gelu.cc` computes GELU, its derivative and the gated GEGLU with vectorised erfc and exp from glibc's vector math
+  library, on all cores.
+- GroupNorm, alone or followed by SiLU (`group_norm.cc`): three passes over memory where MindSpore's operators take
+  about ten; the VAE's decoder and every ResBlock run it on their largest activations.
 
-The source is built with g++ at first use into a cache folder (`$XDG_CACHE_HOME/svd_mindspore`, else
-`~/.cache/svd_mindspore`), once per source, compiler flags and CPU, and loaded as MindSpore AOT custom operators.
-Where they cannot be used (the device is not the CPU, no g++, a glibc older than 2.35, or `SVD_CPU_KERNELS=0`),
-`gelu_op` and `geglu_op` return None and the layers use MindSpore's own operators, whose results agree to float32
-rounding.
+The sources are built with g++ at first use into one library in a cache folder (`$XDG_CACHE_HOME/svd_mindspore`,
+else `~/.cache/svd_mindspore`), once per source, compiler flags and CPU, and loaded as MindSpore AOT custom
+operators. Where they cannot be used (the device is not the CPU, no g++, a glibc older than 2.35, or
+`SVD_CPU_KERNELS=0`), the op factories return None and the layers use MindSpore's own operators, whose results agree
+to float32 rounding.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import warnings
 import mindspore as ms
 from mindspore import ops
 
-__all__ = ["enabled", "gelu_op", "geglu_op", "library"]
+__all__ = ["enabled", "gelu_op", "geglu_op", "group_norm_op", "library"]
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gelu.cc")
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("gelu.cc", "group_norm.cc")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -49,18 +51,20 @@ def _cpu_flags() -> str:
 @functools.cache
 def library() -> str | None:
     """Path of the built kernel library, building it on the first call; None if it cannot be built or loaded."""
-    with open(SOURCE, "rb") as f:
-        key = f.read() + " ".join(FLAGS).encode() + _cpu_flags().encode()  # -march=native: one build per CPU kind
-    digest = hashlib.sha256(key).hexdigest()[:16]
+    key = hashlib.sha256()
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            key.update(f.read())
+    key.update(" ".join(FLAGS).encode() + _cpu_flags().encode())  # -march=native: one build per CPU kind
     folder = _cache_dir()
-    path = os.path.join(folder, f"gelu-{digest}.so")
+    path = os.path.join(folder, f"kernels-{key.hexdigest()[:16]}.so")
     if not os.path.isfile(path):
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             try:
-                subprocess.run(["g++", *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, text=True)
+                subprocess.run(["g++", *FLAGS, *SOURCES, "-o", tmp], check=True, capture_output=True, text=True)
                 os.replace(tmp, path)  # complete or absent, also with several processes building at once
             finally:
                 if os.path.exists(tmp):
@@ -68,14 +72,14 @@ def library() -> str | None:
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
             warnings.warn(f"CPU kernels not built ({detail.strip().splitlines()[-1] if detail.strip() else e}); "
-                          "using MindSpore's own GELU", stacklevel=2)  # fmt: skip
+                          "using MindSpore's own operators", stacklevel=2)  # fmt: skip
             return None
     try:
         import ctypes
 
         ctypes.CDLL(path)  # a missing vector math symbol (glibc before 2.35) shows here, not mid-network
     except OSError as e:
-        warnings.warn(f"CPU kernels not loaded ({e}); using MindSpore's own GELU", stacklevel=2)
+        warnings.warn(f"CPU kernels not loaded ({e}); using MindSpore's own operators", stacklevel=2)
         return None
     return path
 
@@ -119,3 +123,33 @@ def geglu_op():
     """`h * gelu(g)` of a float32 tensor (..., 2d) whose halves are h and g, giving (..., d), with its gradient; or
     None (see the module)."""
     return _custom("GegluForward", "GegluBackward", _half_last)
+
+
+def group_norm_op(groups: int, silu: bool):
+    """GroupNorm of a float32 (N, C, *) tensor in `groups` groups with a per-channel weight and bias, followed by
+    SiLU if `silu`, with its gradients; or None (see the module). Called as `op(x, weight, bias, eps)` with eps a
+    one-element float32 tensor; gives (y, mean, rstd), the last two (N, groups), float32."""
+    if not enabled():
+        return None
+    lib = library()
+    name = "GroupNormSilu" if silu else "GroupNorm"
+
+    def stats(x, *_):
+        return [x[0], groups]
+
+    def out_shape(x, *_):
+        return x, stats(x), stats(x)
+
+    def out_dtype(x, *_):
+        return x, ms.float32, ms.float32
+
+    def grad_shape(x, weight, bias, *_):
+        return x, weight, bias
+
+    grad = ops.Custom(f"{lib}:{name}Backward", grad_shape, grad_shape, func_type="aot")
+
+    def bprop(x, weight, bias, eps, out, dout):
+        dx, dweight, dbias = grad(x, weight, bias, out[1], out[2], dout[0])
+        return dx, dweight, dbias, ops.zeros_like(eps)
+
+    return ops.Custom(f"{lib}:{name}Forward", out_shape, out_dtype, func_type="aot", bprop=bprop)
