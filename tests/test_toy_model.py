@@ -50,21 +50,10 @@ def report():
     return evaluate(pipe, unseen_images(), BUCKETS, seeds=[0, 1], fps=FPS)
 
 
-# The committed run does not meet these two yet (issue #6 stays open). strict: a pass fails the suite, so a marker
-# goes as soon as better weights are committed.
-# The shape stays one blob in every frame of all 24 videos, but in the fastest frames of one image (bucket 230) it
-# keeps only 0.54-0.59 of its area.
-SHRINKS = pytest.mark.xfail(strict=True, reason="one image's shape shrinks to 0.54 of its area at bucket 230")
-# On these images bucket 120 moves the shape no further than bucket 10 (about 1 pixel over the clip), though the
-# optical flow grows with the bucket.
-SLOW_MIDDLE = pytest.mark.xfail(strict=True, reason="bucket 120 moves the shape no further than bucket 10")
-
-
 def test_first_frame_keeps_the_conditioning_image(report):
     assert report["min_first_frame_psnr"] >= 20.0
 
 
-@SHRINKS
 def test_shapes_stay_whole_blobs_of_about_the_same_area(report):
     assert report["blobs_kept"], [(r["blobs_expected"], r["blobs_per_frame"]) for r in report["videos"]]
     lo, hi = report["area_ratio_range"]
@@ -78,7 +67,6 @@ def test_motion_grows_with_the_motion_bucket(report):
     assert np.isfinite(list(flow.values())).all()
 
 
-@SLOW_MIDDLE
 def test_shapes_move_further_at_higher_buckets(report):
     shift = report["shape_shift_by_bucket"]  # pixels from the first frame to the last, mean over images and seeds
     assert shift[BUCKETS[0]] < shift[BUCKETS[1]] < shift[BUCKETS[2]], shift
