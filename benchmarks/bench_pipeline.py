@@ -5,6 +5,7 @@ graph mode by default) against diffusers' StableVideoDiffusionPipeline with the 
     python benchmarks/bench_pipeline.py --preset svd      # real SVD (UNet, temporal VAE, ViT-H/14), 14 x 128x128
     python benchmarks/bench_pipeline.py --preset svd --decode_chunk_size 2 --forward_chunk_size 1   # less memory
     python benchmarks/bench_pipeline.py --preset svd --mode 1 --model_offload   # one part's weights at a time
+    python benchmarks/bench_pipeline.py --preset svd --side ours --half   # the UNet in float16 (amp O2)
 
 Peak memory is the whole process's, weights included. On Linux the notes add the peak of the generations alone
 (`generation_peak_mb`: the peak count restarted after the build, so weights held then still count) and the peak
@@ -44,7 +45,7 @@ def ours(case: Case) -> Measurement:
     from modules.memory import peak_memory_mb
     from modules.pipeline import SVDPipeline
 
-    pipe = SVDPipeline(our_engine(case.config), verbose=False)
+    pipe = SVDPipeline(our_engine(case.config), amp_level="O2" if case.extra.get("half") else "O0", verbose=False)
     if case.extra.get("forward_chunk_size"):
         pipe.enable_forward_chunking(case.extra["forward_chunk_size"])
     if case.extra.get("model_offload"):
@@ -96,5 +97,8 @@ if __name__ == "__main__":
     parser.add_argument("--model_offload", action="store_true",
                         help="ours only: hold only the running part's weights (PyNative). The reference runs "
                              "as it is: diffusers' model offload parks weights in host memory for a GPU")  # fmt: skip
-    extra = ("steps", "decode_chunk_size", "forward_chunk_size", "model_offload")
+    parser.add_argument("--half", action="store_true",
+                        help="ours only: the UNet's weights and activations in float16 (amp O2: half its weight "
+                             "memory); the reference stays float32")  # fmt: skip
+    extra = ("steps", "decode_chunk_size", "forward_chunk_size", "model_offload", "half")
     sys.exit(harness.main(parser, ours, ref, extra, describe))

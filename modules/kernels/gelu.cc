@@ -15,6 +15,10 @@ extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
 
 namespace {
 
+// Below this many values a kernel runs on one thread: waking OpenMP's threads costs more than it saves, and after
+// each parallel region they spin for a while, taking cores from MindSpore's own threads.
+constexpr int64_t kParallelMin = 1 << 20;
+
 constexpr float kMinusSqrtHalf = -0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
@@ -42,7 +46,7 @@ extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shap
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = Count(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) y[i] = Gelu(x[i]);
   return 0;
 }
@@ -55,7 +59,7 @@ extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **sha
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t n = Count(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * GeluGrad(x[i]);
   return 0;
 }
@@ -68,7 +72,7 @@ extern "C" int GegluForward(int nparam, void **params, int *ndims, int64_t **sha
   float *y = static_cast<float *>(params[1]);
   const int64_t d = shapes[1][ndims[1] - 1];
   const int64_t rows = Count(ndims[1], shapes[1]) / d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * d >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float *h = p + r * 2 * d;
     const float *g = h + d;
@@ -88,7 +92,7 @@ extern "C" int GegluBackward(int nparam, void **params, int *ndims, int64_t **sh
   float *dp = static_cast<float *>(params[2]);
   const int64_t d = shapes[1][ndims[1] - 1];
   const int64_t rows = Count(ndims[1], shapes[1]) / d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * d >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float *h = p + r * 2 * d;
     const float *g = h + d;

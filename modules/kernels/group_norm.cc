@@ -17,6 +17,8 @@ extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
 
 namespace {
 
+constexpr int64_t kParallelMin = 1 << 20;  // values; fewer run on one thread (see gelu.cc)
+
 #pragma omp declare simd notinbranch
 inline float Sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
@@ -39,7 +41,7 @@ template <bool kSilu>
 void Forward(const float *x, const float *weight, const float *bias, float eps, Layout l, float *y, float *mean,
              float *rstd) {
   const int64_t len = l.row();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (l.n * l.groups * len >= kParallelMin)
   for (int64_t r = 0; r < l.n * l.groups; ++r) {
     const float *xr = x + r * len;
     double sum = 0.0;
@@ -78,7 +80,7 @@ template <bool kSilu>
 void Backward(const float *x, const float *weight, const float *bias, const float *mean, const float *rstd,
               const float *dy, Layout l, float *dx, float *dweight, float *dbias) {
   const int64_t len = l.row();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (l.n * len * l.groups >= kParallelMin)
   for (int64_t g = 0; g < l.groups; ++g) {
     const int64_t c0 = g * l.width;
     for (int64_t k = 0; k < l.width; ++k) dweight[c0 + k] = dbias[c0 + k] = 0.0f;
