@@ -110,7 +110,8 @@ def test_gelu_kernels_agree_with_mindspores_own_operators(monkeypatch, mode):
     slow[1].proj.bias.set_data(fast[1].proj.bias.value())
     for k, inp in ((0, x), (0, xt), (1, x[..., :6]), (0, big), (1, big[:, :6])):
         ours, ref = fast[k], slow[k]
-        np.testing.assert_allclose(ours(inp).asnumpy(), ref(inp).asnumpy(), rtol=1e-5, atol=1e-5)  # values up to about 15: a few float32 ulps
+        # outputs up to about 15: a few float32 ulps
+        np.testing.assert_allclose(ours(inp).asnumpy(), ref(inp).asnumpy(), rtol=1e-5, atol=1e-5)
         g_ours = ms.grad(ours)(inp).asnumpy()
         g_ref = ms.grad(ref)(inp).asnumpy()
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
