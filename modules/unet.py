@@ -125,7 +125,7 @@ class ResBlock(nn.Cell):
         self.skip_t_emb = skip_t_emb
         self.exchange_temb_dims = exchange_temb_dims and not skip_t_emb
         out_ch = self.out_channels
-        # The SiLU after each GroupNorm runs inside it; an Identity keeps its place, and the checkpoint names
+        # The SiLU after each GroupNorm runs inside it; an Identity keeps the SiLU's slot, so checkpoint names stay
         self.in_layers = nn.SequentialCell(
             [_norm(channels, silu=True), Identity(), _conv(dims, channels, out_ch, kernel_size)]
         )
