@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from data.image_io import fit_to_multiple, load_image, resize_center_crop  # noqa: F401  (part of the API)
 from data.video_io import write_gif as export_to_gif  # noqa: F401
 from data.video_io import write_mp4 as export_to_video  # noqa: F401
+from modules import kernels
 from modules.amp import apply_amp
 from modules.build import build_engine
 from modules.conditioner import scalar_batch
@@ -237,6 +238,7 @@ class SVDPipeline:
         finally:
             sampler.guider = guider
             bar.close()
+            kernels.release_conv_memory()  # the decoder's convolutions are of other sizes
         timings["sampling"] = time.perf_counter() - start
         peaks["sampling"] = peak_memory_mb()
 
@@ -244,7 +246,10 @@ class SVDPipeline:
             return SVDOutput(z.asnumpy().reshape((b, t) + shape[1:]), timings, peaks["sampling"], peaks)
         start = time.perf_counter()
         self._use("vae")
-        frames = self.decode(z, t, decode_chunk_size)
+        try:
+            frames = self.decode(z, t, decode_chunk_size)
+        finally:
+            kernels.release_conv_memory()
         timings["decoding"] = time.perf_counter() - start
         peaks["decoding"] = peak_memory_mb()
         frames = frames.reshape((b, t) + frames.shape[1:]).transpose(0, 1, 3, 4, 2)

@@ -174,3 +174,85 @@ def test_group_norm_kernel_on_all_threads_matches_float64(monkeypatch):
     ours.bias.set_data(Tensor(bias))
     np.testing.assert_allclose(ours(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ms.grad(ours)(Tensor(x)).asnumpy(), xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+class _WeightedSum(ms.nn.Cell):
+    """sum(cell(x) * w): its gradients are the cell's gradients for an output gradient of w."""
+
+    def __init__(self, cell, w):
+        super().__init__()
+        self.cell, self.w = cell, w
+
+    def construct(self, x):
+        return (self.cell(x).astype(ms.float32) * self.w).sum()
+
+
+def _conv_cases():
+    """(cell arguments, input shape): the geometries of the UNet and the VAE, and a grouped one."""
+    return [
+        (dict(kernel_size=3, padding=1), (2, 6, 9, 7)),
+        (dict(kernel_size=3, padding=1), (2, 6, 48, 48)),  # pixels enough for Winograd (on CPUs where oneDNN has it)
+        (dict(kernel_size=3, stride=2, padding=(0, 1, 0, 1)), (3, 6, 10, 11)),  # the VAE encoder's downsampling
+        (dict(kernel_size=3, stride=2, padding=1), (1, 6, 8, 8)),  # the UNet's
+        (dict(kernel_size=1), (2, 6, 5, 6)),
+        (dict(kernel_size=1, bias=False), (2, 6, 5, 6)),
+        (dict(kernel_size=3, padding=1, groups=2), (2, 6, 6, 5)),
+    ]
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel):
+    """Conv2d in every geometry the networks use and TemporalConv, with the oneDNN kernel (where it builds) and
+    without: outputs and the gradients of input, weight and bias against torch in float64, on float32, float16 and
+    transposed-view inputs. All geometries run in one process, so each must keep its own output shape."""
+    from modules.layers import Conv2d, TemporalConv
+
+    ms.set_context(mode=mode)
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernel else "0")
+    rng = np.random.default_rng(5)
+    cases = [(Conv2d(6, 4, **kw), shape) for kw, shape in _conv_cases()]
+    cases.append((TemporalConv(6, 4, (3, 1, 1)), (2, 6, 5, 3, 4)))
+    for cell, shape in cases:
+        assert (cell.conv.kernel is not None) == (kernel and kernels.conv_library() is not None)
+        for p in cell.trainable_params():
+            p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+        x = rng.standard_normal(shape).astype(np.float32)
+        xt = torch.from_numpy(x).double().requires_grad_(True)
+        weight = torch.from_numpy(cell.weight.asnumpy()).double().requires_grad_(True)
+        bias = torch.from_numpy(cell.bias.asnumpy()).double().requires_grad_(True) if cell.has_bias else None
+        if isinstance(cell, TemporalConv):
+            yt = torch.nn.functional.conv3d(xt, weight, bias, padding=(1, 0, 0))
+        else:
+            pt, pb, pl, pr = (cell.conv.pad,) * 4 if isinstance(cell.conv.pad, int) else cell.conv.pad
+            xp = torch.nn.functional.pad(xt, (pl, pr, pt, pb))
+            yt = torch.nn.functional.conv2d(xp, weight, bias, stride=cell.conv.stride, groups=cell.conv.groups)
+        dy = rng.standard_normal(tuple(yt.shape)).astype(np.float32)
+        (yt * torch.from_numpy(dy).double()).sum().backward()
+
+        loss, params = _WeightedSum(cell, Tensor(dy)), cell.trainable_params()
+        view = Tensor(np.ascontiguousarray(np.moveaxis(x, 0, -1))).transpose((len(shape) - 1, *range(len(shape) - 1)))
+        for inp, tol in ((Tensor(x), 1e-4), (view, 1e-4), (Tensor(x).astype(ms.float16), 3e-2)):
+            y = cell(inp)
+            assert y.dtype == inp.dtype and y.shape == tuple(yt.shape)
+            np.testing.assert_allclose(y.asnumpy().astype(np.float64), yt.detach().numpy(), rtol=tol, atol=tol)
+            dx, grads = ms.grad(loss, 0, params)(inp)
+            want = [xt.grad, weight.grad] + ([bias.grad] if bias is not None else [])
+            for ours, ref in zip([dx, *grads], want):
+                np.testing.assert_allclose(ours.asnumpy().astype(np.float64), ref.numpy(), rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
+def test_convolution_kernel_builds_against_mindspores_own_onednn():
+    """The requirements install oneDNN's headers of MindSpore's version, so the kernel builds; and it runs on the
+    libdnnl that MindSpore ships (two oneDNN libraries in one process would not agree on their global state)."""
+    import ctypes
+
+    path = kernels.conv_library()
+    assert path is not None
+    ctypes.CDLL(path)
+    with open("/proc/self/maps") as f:
+        loaded = {line.split()[-1] for line in f if "libdnnl" in line}
+    assert {os.path.realpath(p) for p in loaded} == {
+        os.path.realpath(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.2"))
+    }

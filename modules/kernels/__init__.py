@@ -20,16 +20,29 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import subprocess
+import sysconfig
 import tempfile
 import warnings
 
 import mindspore as ms
 from mindspore import ops
 
-__all__ = ["enabled", "gelu_op", "geglu_op", "group_norm_op", "library"]
+__all__ = [
+    "conv2d_op",
+    "conv_geometry",
+    "enabled",
+    "gelu_op",
+    "geglu_op",
+    "group_norm_op",
+    "library",
+    "release_conv_memory",
+]
 
-SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("gelu.cc", "group_norm.cc")]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc")]
+CONV_SOURCE = os.path.join(_HERE, "conv.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -48,47 +61,102 @@ def _cpu_flags() -> str:
         return platform.processor() or platform.machine()
 
 
-@functools.cache
-def library() -> str | None:
-    """Path of the built kernel library, building it on the first call; None if it cannot be built or loaded."""
+def _build(stem: str, sources: list[str], flags: list[str]) -> str | None:
+    """Path of the library built from `sources` with `flags`, building it on the first call; None (with a warning) if
+    it cannot be built or loaded."""
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in sources:
         with open(source, "rb") as f:
             key.update(f.read())
-    key.update(" ".join(FLAGS).encode() + _cpu_flags().encode())  # -march=native: one build per CPU kind
+    key.update(" ".join(flags).encode() + _cpu_flags().encode())  # -march=native: one build per CPU kind
     folder = _cache_dir()
-    path = os.path.join(folder, f"kernels-{key.hexdigest()[:16]}.so")
+    path = os.path.join(folder, f"{stem}-{key.hexdigest()[:16]}.so")
     if not os.path.isfile(path):
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             try:
-                subprocess.run(["g++", *FLAGS, *SOURCES, "-o", tmp], check=True, capture_output=True, text=True)
+                subprocess.run(["g++", *sources, *flags, "-o", tmp], check=True, capture_output=True, text=True)
                 os.replace(tmp, path)  # complete or absent, also with several processes building at once
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            warnings.warn(f"CPU kernels not built ({detail.strip().splitlines()[-1] if detail.strip() else e}); "
-                          "using MindSpore's own operators", stacklevel=2)  # fmt: skip
+            detail = (getattr(e, "stderr", "") or str(e)).strip()
+            reason = detail.splitlines()[-1] if detail else repr(e)
+            warnings.warn(f"CPU kernels ({stem}) not built ({reason}); using MindSpore's own operators", stacklevel=3)
             return None
     try:
         import ctypes
 
-        ctypes.CDLL(path)  # a missing vector math symbol (glibc before 2.35) shows here, not mid-network
+        ctypes.CDLL(path)  # a missing symbol (glibc before 2.35, another libdnnl) shows here, not mid-network
     except OSError as e:
-        warnings.warn(f"CPU kernels not loaded ({e}); using MindSpore's own operators", stacklevel=2)
+        warnings.warn(f"CPU kernels ({stem}) not loaded ({e}); using MindSpore's own operators", stacklevel=3)
         return None
     return path
 
 
+@functools.cache
+def library() -> str | None:
+    """Path of the built GELU and GroupNorm kernel library, building it on the first call; None if it cannot be built
+    or loaded."""
+    return _build("kernels", SOURCES, FLAGS)
+
+
+def _dnnl_version(header_dir: str) -> tuple[int, int] | None:
+    try:
+        with open(os.path.join(header_dir, "oneapi", "dnnl", "dnnl_version.h")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    found = dict(re.findall(r"#define DNNL_VERSION_(MAJOR|MINOR) (\d+)", text))
+    return (int(found["MAJOR"]), int(found["MINOR"])) if len(found) == 2 else None
+
+
+def _mindspore_dnnl() -> tuple[str, tuple[int, int]] | None:
+    """MindSpore's own libdnnl and its version, if it ships one."""
+    import ctypes
+
+    path = os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.2")
+    if not os.path.isfile(path):
+        return None
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
+
+    dnnl = ctypes.CDLL(path)
+    dnnl.dnnl_version.restype = ctypes.POINTER(Version)
+    version = dnnl.dnnl_version().contents
+    return path, (version.major, version.minor)
+
+
+@functools.cache
+def conv_library() -> str | None:
+    """Path of the built convolution library (`conv.cc`), linked to MindSpore's own libdnnl with the headers of the
+    same oneDNN version (the `onednn-devel-cpu-gomp` package of requirements.txt); None, with a warning saying why,
+    where that cannot be done."""
+    shipped = _mindspore_dnnl()
+    headers = os.path.join(sysconfig.get_path("data"), "include")
+    wanted = _dnnl_version(headers)
+    if shipped is None or wanted != shipped[1]:
+        have = "no oneDNN headers" if wanted is None else "headers of oneDNN {}.{}".format(*wanted)
+        need = "no libdnnl in MindSpore" if shipped is None else "MindSpore's oneDNN {}.{}".format(*shipped[1])
+        warnings.warn(f"convolution kernel not built: {have} under {headers}, {need}; using MindSpore's own Conv2D",
+                      stacklevel=2)  # fmt: skip
+        return None
+    lib_dir = os.path.dirname(shipped[0])
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-I{headers}", shipped[0], f"-Wl,-rpath,{lib_dir}", "-pthread"]
+    return _build("conv", [CONV_SOURCE], flags)
+
+
+def _on_cpu() -> bool:
+    return os.environ.get("SVD_CPU_KERNELS", "1") != "0" and ms.get_context("device_target") == "CPU"
+
+
 def enabled() -> bool:
     """Whether the compiled kernels are used: on the CPU device, unless SVD_CPU_KERNELS=0, once they build."""
-    if os.environ.get("SVD_CPU_KERNELS", "1") == "0" or ms.get_context("device_target") != "CPU":
-        return False
-    return library() is not None
+    return _on_cpu() and library() is not None
 
 
 def _like_first(first, *_):
@@ -153,3 +221,61 @@ def group_norm_op(groups: int, silu: bool):
         return dx, dweight, dbias, ops.zeros_like(eps)
 
     return ops.Custom(f"{lib}:{name}Forward", out_shape, out_dtype, func_type="aot", bprop=bprop)
+
+
+@functools.cache
+def _conv_threads(lib: str, threads: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(lib).SvdConvSetThreads(threads)
+
+
+def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
+    """2D convolution of float32 tensors through oneDNN's direct kernels, with its gradients; or None (see the
+    module). Called as `op(x, weight, geometry, bias)` with x (N, C, H, W), weight (O, C / groups, kh, kw), bias (O,)
+    and geometry the int64 tensor `conv_geometry(stride, padding)`; padding is (top, bottom, left, right)."""
+    if not _on_cpu():
+        return None
+    lib = conv_library()
+    if lib is None:
+        return None
+    threads = ms.get_context("runtime_num_threads") or os.cpu_count() or 1
+    _conv_threads(lib, min(int(threads), os.cpu_count() or 1))
+    (sh, sw), (top, bottom, left, right) = stride, padding
+
+    def out_shape(x, weight, *_):
+        height = (x[2] + top + bottom - weight[2]) // sh + 1
+        return [x[0], weight[0], height, (x[3] + left + right - weight[3]) // sw + 1]
+
+    def weight_grads(x, weight, *_):
+        return weight, [weight[0]]
+
+    def weight_grad_types(x, *_):
+        return x, x
+
+    data = ops.Custom(f"{lib}:ConvBackwardData", _like_first, _like_first, func_type="aot")
+    weights = ops.Custom(f"{lib}:ConvBackwardWeights", weight_grads, weight_grad_types, func_type="aot")
+
+    def bprop(x, weight, geometry, bias, out, dout):
+        dweight, dbias = weights(x, weight, geometry, dout)
+        return data(x, weight, geometry, dout), dweight, ops.zeros_like(geometry), dbias
+
+    op = ops.Custom(f"{lib}:ConvForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+    # PyNative caches shape inference by the primitive's name and attributes: without this, every convolution would
+    # get the output shape of the first geometry it met
+    op.add_prim_attr("geometry", (sh, sw, top, bottom, left, right))
+    return op
+
+
+def release_conv_memory() -> None:
+    """Frees the convolution kernel's scratch buffers, which it keeps between calls (they grow to the largest
+    convolution's blocked copies and working memory); a no-op where the kernel is not loaded."""
+    if _on_cpu() and conv_library.cache_info().currsize and conv_library() is not None:
+        import ctypes
+
+        ctypes.CDLL(conv_library()).SvdConvRelease()
+
+
+def conv_geometry(stride: tuple[int, int], padding: tuple[int, int, int, int]):
+    """The geometry input of `conv2d_op`: stride (H, W), then padding (top, bottom, left, right), as int64."""
+    return ms.Tensor(list(stride) + list(padding), ms.int64)

@@ -1,0 +1,380 @@
+// 2D convolution for MindSpore's CPU backend as AOT custom operators (forward, gradient of the input, gradients of
+// the weight and bias), through the oneDNN library that MindSpore itself ships (libdnnl.so.2, oneDNN 2.2).
+//
+// MindSpore's own Conv2D asks oneDNN for a convolution on plain NCHW tensors, which oneDNN runs as an im2col GEMM
+// (`gemm:jit`) at well under half of what the machine's direct kernels reach. Here the primitives are created with
+// the layouts left to oneDNN (`format_tag::any`), so it picks its blocked direct kernels (`jit:avx2`,
+// `brgconv:avx512_core`, ...); the inputs are reordered into those layouts and the result back to NCHW, which costs
+// a few percent of the convolution.
+//
+// MindSpore's libdnnl is built for the THREADPOOL runtime: it runs in parallel only through a thread pool that the
+// caller hands it with the stream. `Pool` is that pool; its idle workers sleep rather than spin, so they never take
+// cores from MindSpore's own threads between calls.
+//
+// Entry points have MindSpore's AOT signature: params holds the inputs, then the outputs. Every operator takes the
+// geometry as a six-element int64 input (stride along H and W, padding top, bottom, left, right); the number of
+// groups is C_in / the weight's second dimension. float32 only; the Python side casts other types.
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "oneapi/dnnl/dnnl_threadpool.hpp"
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr auto kF32 = memory::data_type::f32;
+
+// A fixed set of workers; `parallel_for` hands out the n items through an atomic counter and the calling thread
+// works too. Idle workers wait on a condition variable.
+class Pool : public dnnl::threadpool_interop::threadpool_iface {
+ public:
+  explicit Pool(int threads) : threads_(threads < 1 ? 1 : threads) {
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { Work(); });
+  }
+  ~Pool() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto &t : workers_) t.join();
+  }
+  int get_num_threads() const override { return threads_; }
+  bool get_in_parallel() const override { return inside_; }
+  uint64_t get_flags() const override { return 0; }
+  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
+    if (n <= 1 || threads_ == 1 || inside_) {
+      for (int i = 0; i < n; ++i) fn(i, n);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      total_ = n;
+      next_.store(0);
+      busy_.store(threads_ - 1);
+      ++generation_;
+    }
+    wake_.notify_all();
+    Run();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_.load() == 0; });
+  }
+
+ private:
+  void Run() {
+    inside_ = true;
+    for (int i; (i = next_.fetch_add(1)) < total_;) (*fn_)(i, total_);
+    inside_ = false;
+  }
+  void Work() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+      }
+      Run();
+      if (busy_.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.notify_one();
+      }
+    }
+  }
+  static thread_local bool inside_;
+  const int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  const std::function<void(int, int)> *fn_ = nullptr;
+  int total_ = 0;
+  std::atomic<int> next_{0}, busy_{0};
+};
+thread_local bool Pool::inside_ = false;
+
+// One convolution's shapes: input (n, c, h, w), weight (o, c / groups, kh, kw), output (n, o, oh, ow).
+struct Geometry {
+  int64_t n, c, h, w, o, kh, kw, oh, ow, groups;
+  memory::dims strides, pad_l, pad_r;
+
+  std::array<int64_t, 14> Key() const {
+    return {n, c, h, w, o, kh, kw, groups, strides[0], strides[1], pad_l[0], pad_l[1], pad_r[0], pad_r[1]};
+  }
+  memory::dims SrcDims() const { return {n, c, h, w}; }
+  memory::dims DstDims() const { return {n, o, oh, ow}; }
+  memory::dims WeightDims() const {
+    if (groups == 1) return {o, c, kh, kw};
+    return {groups, o / groups, c / groups, kh, kw};
+  }
+  Tag WeightTag() const { return groups == 1 ? Tag::oihw : Tag::goihw; }
+};
+
+// params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,); shapes as MindSpore gives them.
+Geometry Read(void **params, int64_t **shapes) {
+  const int64_t *x = shapes[0], *wt = shapes[1];
+  const int64_t *g = static_cast<const int64_t *>(params[2]);
+  Geometry geo{x[0], x[1], x[2], x[3], wt[0], wt[2], wt[3], 0, 0, x[1] / wt[1], {g[0], g[1]}, {g[2], g[4]},
+               {g[3], g[5]}};
+  geo.oh = (geo.h + g[2] + g[3] - geo.kh) / g[0] + 1;
+  geo.ow = (geo.w + g[4] + g[5] - geo.kw) / g[1] + 1;
+  return geo;
+}
+
+struct Runtime {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::unique_ptr<Pool> pool;
+  dnnl::stream stream;
+  std::mutex mutex;  // one convolution at a time: the caches and the scratch buffers below are shared
+
+  void SetThreads(int threads) {
+    if (pool && pool->get_num_threads() == threads) return;
+    stream = dnnl::stream();
+    pool = std::make_unique<Pool>(threads);
+    stream = dnnl::threadpool_interop::make_stream(engine, pool.get());
+  }
+};
+
+Runtime &Rt() {
+  static Runtime *rt = [] {
+    auto *r = new Runtime();  // never destroyed: workers must not be joined during static destruction
+    r->SetThreads(static_cast<int>(std::thread::hardware_concurrency()));
+    return r;
+  }();
+  return *rt;
+}
+
+// Scratch space for the blocked copies and oneDNN's working memory, kept between calls (allocating and first
+// touching a few hundred megabytes at every call of the VAE's decoder cost about half of its convolution time) until
+// `SvdConvRelease`, which the pipeline calls between its stages.
+struct Scratch {
+  void *ptr = nullptr;
+  size_t size = 0;
+  void *Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(ptr);
+      ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      size = ptr ? bytes : 0;
+      if (!ptr) throw std::bad_alloc();
+    }
+    return ptr;
+  }
+  void Release() {
+    std::free(ptr);
+    ptr = nullptr;
+    size = 0;
+  }
+};
+Scratch scratch[4];  // three tensors and oneDNN's own scratchpad
+
+// A tensor that MindSpore holds in a plain layout, seen in the layout the primitive wants: the same memory when they
+// agree, else one of the scratch buffers, filled by a reorder when `fill`.
+memory View(const memory::desc &plain, const memory::desc &wanted, void *data, int slot, bool fill) {
+  Runtime &rt = Rt();
+  memory user(plain, rt.engine, data);
+  if (plain == wanted) return user;
+  memory blocked(wanted, rt.engine, scratch[slot].Get(wanted.get_size()));
+  if (fill) dnnl::reorder(user, blocked).execute(rt.stream, user, blocked);
+  return blocked;
+}
+
+// Copies `result` back into MindSpore's plain tensor at `data` when it was computed in another layout.
+void Return(memory &result, const memory::desc &plain, void *data) {
+  Runtime &rt = Rt();
+  if (result.get_desc() == plain) return;
+  memory user(plain, rt.engine, data);
+  dnnl::reorder(result, user).execute(rt.stream, result, user);
+}
+
+struct Primitives {
+  dnnl::convolution_forward::primitive_desc forward;
+  dnnl::convolution_forward forward_run;
+  dnnl::convolution_backward_data::primitive_desc data;
+  dnnl::convolution_backward_data data_run;
+  dnnl::convolution_backward_weights::primitive_desc weights;
+  dnnl::convolution_backward_weights weights_run;
+};
+
+// Winograd's F(4x4, 3x3) (oneDNN has it for AVX-512 cores) takes 4x fewer multiplications than the direct 3x3
+// convolution, but transforms the weights on every call, at a cost proportional to C x O: it pays where a call has
+// at least this many output pixels (measured on the SVD shapes: 28 x 16 x 16 runs in 0.7x the direct time, 28 x 8 x 8
+// in 1.7x).
+constexpr int64_t kWinogradMinPixels = 4096;
+
+bool UseWinograd(const Geometry &g) {
+  const char *env = std::getenv("SVD_CONV_WINOGRAD");
+  if (env != nullptr && env[0] == '0') return false;
+  return g.kh == 3 && g.kw == 3 && g.strides[0] == 1 && g.strides[1] == 1 && g.groups == 1 &&
+         g.n * g.oh * g.ow >= kWinogradMinPixels;
+}
+
+// oneDNN's working memory (Winograd's transformed tiles, ...) is given at each call from `scratch` rather than held
+// by every primitive for the life of the process, which kept gigabytes for the VAE's decoder.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// The working memory a primitive asks for, from the fourth scratch buffer.
+memory Workspace(const memory::desc &desc) {
+  return memory(desc, Rt().engine, desc.get_size() ? scratch[3].Get(desc.get_size()) : nullptr);
+}
+
+// The primitives of one geometry, created on first use (the gradients' only when asked for).
+Primitives &Get(const Geometry &g, bool gradients) {
+  static std::map<std::pair<std::array<int64_t, 14>, bool>, Primitives> cache;
+  const bool winograd = UseWinograd(g);
+  Primitives &p = cache[{g.Key(), winograd}];
+  const dnnl::engine &engine = Rt().engine;
+  const memory::desc src(g.SrcDims(), kF32, Tag::any), dst(g.DstDims(), kF32, Tag::any),
+      weight(g.WeightDims(), kF32, Tag::any), bias({g.o}, kF32, Tag::x);
+  const auto algorithm = dnnl::algorithm::convolution_direct;
+  if (!p.forward) {
+    for (auto kind : {dnnl::algorithm::convolution_winograd, algorithm}) {
+      if (kind == dnnl::algorithm::convolution_winograd && !winograd) continue;
+      try {
+        dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, kind, src, weight, bias, dst,
+                                          g.strides, g.pad_l, g.pad_r);
+        p.forward = dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), engine);
+        break;
+      } catch (const dnnl::error &) {
+        if (kind == algorithm) throw;  // Winograd is not implemented for this CPU: the direct one
+      }
+    }
+    p.forward_run = dnnl::convolution_forward(p.forward);
+  }
+  if (gradients && !p.data) {
+    // the gradients are direct convolutions, whose layouts follow a direct forward convolution's
+    dnnl::convolution_forward::primitive_desc hint = p.forward;
+    if (winograd) {
+      dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, algorithm, src, weight, bias, dst,
+                                        g.strides, g.pad_l, g.pad_r);
+      hint = dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), engine);
+    }
+    dnnl::convolution_backward_data::desc d(algorithm, src, weight, dst, g.strides, g.pad_l, g.pad_r);
+    p.data = dnnl::convolution_backward_data::primitive_desc(d, UserScratchpad(), engine, hint);
+    p.data_run = dnnl::convolution_backward_data(p.data);
+    dnnl::convolution_backward_weights::desc w(algorithm, src, weight, bias, dst, g.strides, g.pad_l, g.pad_r);
+    p.weights = dnnl::convolution_backward_weights::primitive_desc(w, UserScratchpad(), engine, hint);
+    p.weights_run = dnnl::convolution_backward_weights(p.weights);
+  }
+  return p;
+}
+
+// (x, weight, geometry, bias) -> y
+void Forward(void **params, int64_t **shapes) {
+  const Geometry g = Read(params, shapes);
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  Primitives &p = Get(g, false);
+  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
+      weight(g.WeightDims(), kF32, g.WeightTag()), bias_desc({g.o}, kF32, Tag::x);
+  memory x = View(src, p.forward.src_desc(), params[0], 0, true);
+  memory w = View(weight, p.forward.weights_desc(), params[1], 1, true);
+  memory bias(bias_desc, rt.engine, params[3]);
+  memory y = View(dst, p.forward.dst_desc(), params[4], 2, false);
+  p.forward_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
+                                    {DNNL_ARG_WEIGHTS, w},
+                                    {DNNL_ARG_BIAS, bias},
+                                    {DNNL_ARG_DST, y},
+                                    {DNNL_ARG_SCRATCHPAD, Workspace(p.forward.scratchpad_desc())}});
+  Return(y, dst, params[4]);
+  rt.stream.wait();
+}
+
+// (x, weight, geometry, dy) -> dx
+void BackwardData(void **params, int64_t **shapes) {
+  const Geometry g = Read(params, shapes);
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  Primitives &p = Get(g, true);
+  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
+      weight(g.WeightDims(), kF32, g.WeightTag());
+  memory dy = View(dst, p.data.diff_dst_desc(), params[3], 0, true);
+  memory w = View(weight, p.data.weights_desc(), params[1], 1, true);
+  memory dx = View(src, p.data.diff_src_desc(), params[4], 2, false);
+  p.data_run.execute(rt.stream, {{DNNL_ARG_DIFF_DST, dy},
+                                 {DNNL_ARG_WEIGHTS, w},
+                                 {DNNL_ARG_DIFF_SRC, dx},
+                                 {DNNL_ARG_SCRATCHPAD, Workspace(p.data.scratchpad_desc())}});
+  Return(dx, src, params[4]);
+  rt.stream.wait();
+}
+
+// (x, weight, geometry, dy) -> (dweight, dbias)
+void BackwardWeights(void **params, int64_t **shapes) {
+  const Geometry g = Read(params, shapes);
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  Primitives &p = Get(g, true);
+  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
+      weight(g.WeightDims(), kF32, g.WeightTag()), bias_desc({g.o}, kF32, Tag::x);
+  memory x = View(src, p.weights.src_desc(), params[0], 0, true);
+  memory dy = View(dst, p.weights.diff_dst_desc(), params[3], 2, true);
+  memory dw = View(weight, p.weights.diff_weights_desc(), params[4], 1, false);
+  memory db(bias_desc, rt.engine, params[5]);
+  p.weights_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
+                                    {DNNL_ARG_DIFF_DST, dy},
+                                    {DNNL_ARG_DIFF_WEIGHTS, dw},
+                                    {DNNL_ARG_DIFF_BIAS, db},
+                                    {DNNL_ARG_SCRATCHPAD, Workspace(p.weights.scratchpad_desc())}});
+  Return(dw, weight, params[4]);
+  rt.stream.wait();
+}
+
+// Runs `body`, turning any exception (a shape oneDNN rejects, memory exhausted) into a non-zero status.
+int Guard(int nparam, int expected, void (*body)(void **, int64_t **), void **params, int64_t **shapes) {
+  if (nparam != expected) return 1;
+  try {
+    body(params, shapes);
+    return 0;
+  } catch (...) {
+    return 2;
+  }
+}
+
+}  // namespace
+
+// Sets the number of threads the convolutions run on (the machine's cores until called).
+extern "C" void SvdConvSetThreads(int threads) {
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  rt.SetThreads(threads);
+}
+
+// Frees the scratch buffers (the next convolution allocates them again).
+extern "C" void SvdConvRelease() {
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  for (auto &s : scratch) s.Release();
+}
+
+extern "C" int ConvForward(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return Guard(nparam, 5, Forward, params, shapes);
+}
+
+extern "C" int ConvBackwardData(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return Guard(nparam, 5, BackwardData, params, shapes);
+}
+
+extern "C" int ConvBackwardWeights(int nparam, void **params, int *, int64_t **shapes, const char **, void *,
+                                   void *) {
+  return Guard(nparam, 6, BackwardWeights, params, shapes);
+}
