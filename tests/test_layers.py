@@ -214,7 +214,7 @@ def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel
     cases = [(Conv2d(6, 4, **kw), shape) for kw, shape in _conv_cases()]
     cases.append((TemporalConv(6, 4, (3, 1, 1)), (2, 6, 5, 3, 4)))
     for cell, shape in cases:
-        assert (cell.conv.kernel is not None) == (kernel and kernels.conv_library() is not None)
+        assert (cell.conv.kernel is not None) == (kernel and kernels.onednn_library() is not None)
         for p in cell.trainable_params():
             p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
         x = rng.standard_normal(shape).astype(np.float32)
@@ -248,7 +248,7 @@ def test_convolution_kernel_builds_against_mindspores_own_onednn():
     libdnnl that MindSpore ships (two oneDNN libraries in one process would not agree on their global state)."""
     import ctypes
 
-    path = kernels.conv_library()
+    path = kernels.onednn_library()
     assert path is not None
     ctypes.CDLL(path)
     with open("/proc/self/maps") as f:

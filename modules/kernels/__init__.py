@@ -37,12 +37,13 @@ __all__ = [
     "geglu_op",
     "group_norm_op",
     "library",
+    "onednn_library",
     "release_conv_memory",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc")]
-CONV_SOURCE = os.path.join(_HERE, "conv.cc")
+ONEDNN_SOURCE = os.path.join(_HERE, "onednn.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -132,22 +133,22 @@ def _mindspore_dnnl() -> tuple[str, tuple[int, int]] | None:
 
 
 @functools.cache
-def conv_library() -> str | None:
-    """Path of the built convolution library (`conv.cc`), linked to MindSpore's own libdnnl with the headers of the
-    same oneDNN version (the `onednn-devel-cpu-gomp` package of requirements.txt); None, with a warning saying why,
-    where that cannot be done."""
+def onednn_library() -> str | None:
+    """Path of the built oneDNN convolution library (`onednn.cc`), linked to MindSpore's own libdnnl with the
+    headers of the same oneDNN version (the `onednn-devel-cpu-gomp` package of requirements.txt); None, with a
+    warning saying why, where that cannot be done."""
     shipped = _mindspore_dnnl()
     headers = os.path.join(sysconfig.get_path("data"), "include")
     wanted = _dnnl_version(headers)
     if shipped is None or wanted != shipped[1]:
         have = "no oneDNN headers" if wanted is None else "headers of oneDNN {}.{}".format(*wanted)
         need = "no libdnnl in MindSpore" if shipped is None else "MindSpore's oneDNN {}.{}".format(*shipped[1])
-        warnings.warn(f"convolution kernel not built: {have} under {headers}, {need}; using MindSpore's own Conv2D",
+        warnings.warn(f"oneDNN kernels not built: {have} under {headers}, {need}; using MindSpore's own Conv2D",
                       stacklevel=2)  # fmt: skip
         return None
     lib_dir = os.path.dirname(shipped[0])
     flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-I{headers}", shipped[0], f"-Wl,-rpath,{lib_dir}", "-pthread"]
-    return _build("conv", [CONV_SOURCE], flags)
+    return _build("onednn", [ONEDNN_SOURCE], flags)
 
 
 def _on_cpu() -> bool:
@@ -223,8 +224,14 @@ def group_norm_op(groups: int, silu: bool):
     return ops.Custom(f"{lib}:{name}Forward", out_shape, out_dtype, func_type="aot", bprop=bprop)
 
 
+def _threads() -> int:
+    """MindSpore's own thread count, at most the machine's cores."""
+    threads = ms.get_context("runtime_num_threads") or os.cpu_count() or 1
+    return min(int(threads), os.cpu_count() or 1)
+
+
 @functools.cache
-def _conv_threads(lib: str, threads: int) -> None:
+def _set_threads(lib: str, threads: int) -> None:
     import ctypes
 
     ctypes.CDLL(lib).SvdConvSetThreads(threads)
@@ -236,11 +243,10 @@ def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
     and geometry the int64 tensor `conv_geometry(stride, padding)`; padding is (top, bottom, left, right)."""
     if not _on_cpu():
         return None
-    lib = conv_library()
+    lib = onednn_library()
     if lib is None:
         return None
-    threads = ms.get_context("runtime_num_threads") or os.cpu_count() or 1
-    _conv_threads(lib, min(int(threads), os.cpu_count() or 1))
+    _set_threads(lib, _threads())
     (sh, sw), (top, bottom, left, right) = stride, padding
 
     def out_shape(x, weight, *_):
@@ -270,10 +276,10 @@ def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
 def release_conv_memory() -> None:
     """Frees the convolution kernel's scratch buffers, which it keeps between calls (they grow to the largest
     convolution's blocked copies and working memory); a no-op where the kernel is not loaded."""
-    if _on_cpu() and conv_library.cache_info().currsize and conv_library() is not None:
+    if _on_cpu() and onednn_library.cache_info().currsize and onednn_library() is not None:
         import ctypes
 
-        ctypes.CDLL(conv_library()).SvdConvRelease()
+        ctypes.CDLL(onednn_library()).SvdConvRelease()
 
 
 def conv_geometry(stride: tuple[int, int], padding: tuple[int, int, int, int]):
