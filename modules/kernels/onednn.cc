@@ -278,24 +278,52 @@ Primitives &Get(const Geometry &g, bool gradients) {
   return p;
 }
 
+// The forward pass runs over the batch in chunks whose blocked copies and working memory stay under this many bytes
+// (where one sample allows): Winograd's working memory is about 4.6 times the input, so the VAE decoder's largest
+// layers (14 frames of 128 channels at 128x128) would otherwise hold about 770 MB beside MindSpore's own tensors.
+// The chunk size divides the batch, so that the weights are transformed once per call. SVD_CONV_CHUNK_BYTES sets
+// another bound (the tests use a small one).
+size_t ChunkBytes() {
+  const char *env = std::getenv("SVD_CONV_CHUNK_BYTES");
+  return env != nullptr ? std::strtoull(env, nullptr, 10) : size_t(128) << 20;
+}
+
+int64_t ChunkSize(const Geometry &g, const Primitives &p) {
+  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw);
+  size_t bytes = p.forward.scratchpad_desc().get_size();
+  if (p.forward.src_desc() != src) bytes += p.forward.src_desc().get_size();
+  if (p.forward.dst_desc() != dst) bytes += p.forward.dst_desc().get_size();
+  const size_t per_sample = bytes / static_cast<size_t>(g.n) + 1;
+  const size_t budget = ChunkBytes();
+  int64_t chunk = g.n;
+  while (chunk > 1 && (per_sample * static_cast<size_t>(chunk) > budget || g.n % chunk != 0)) --chunk;
+  return chunk;
+}
+
 // (x, weight, geometry, bias) -> y
 void Forward(void **params, int64_t **shapes) {
-  const Geometry g = Read(params, shapes);
+  Geometry g = Read(params, shapes);
   Runtime &rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mutex);
+  const int64_t n = g.n;
+  g.n = ChunkSize(g, Get(g, false));
   Primitives &p = Get(g, false);
   const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
       weight(g.WeightDims(), kF32, g.WeightTag()), bias_desc({g.o}, kF32, Tag::x);
-  memory x = View(src, p.forward.src_desc(), params[0], 0, true);
   memory w = View(weight, p.forward.weights_desc(), params[1], 1, true);
   memory bias(bias_desc, rt.engine, params[3]);
-  memory y = View(dst, p.forward.dst_desc(), params[4], 2, false);
-  p.forward_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
-                                    {DNNL_ARG_WEIGHTS, w},
-                                    {DNNL_ARG_BIAS, bias},
-                                    {DNNL_ARG_DST, y},
-                                    {DNNL_ARG_SCRATCHPAD, Workspace(p.forward.scratchpad_desc())}});
-  Return(y, dst, params[4]);
+  const int64_t src_step = g.n * g.c * g.h * g.w, dst_step = g.n * g.o * g.oh * g.ow;
+  for (int64_t i = 0; i < n / g.n; ++i) {
+    float *in = static_cast<float *>(params[0]) + i * src_step, *out = static_cast<float *>(params[4]) + i * dst_step;
+    memory x = View(src, p.forward.src_desc(), in, 0, true);
+    memory y = View(dst, p.forward.dst_desc(), out, 2, false);
+    p.forward_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
+                                      {DNNL_ARG_WEIGHTS, w},
+                                      {DNNL_ARG_BIAS, bias},
+                                      {DNNL_ARG_DST, y},
+                                      {DNNL_ARG_SCRATCHPAD, Workspace(p.forward.scratchpad_desc())}});
+    Return(y, dst, out);
+  }
   rt.stream.wait();
 }
 
