@@ -4,8 +4,10 @@
 // MindSpore's own Conv2D asks oneDNN for a convolution on plain NCHW tensors, which oneDNN runs as an im2col GEMM
 // (`gemm:jit`) at well under half of what the machine's direct kernels reach. Here the primitives are created with
 // the layouts left to oneDNN (`format_tag::any`), so it picks its blocked direct kernels (`jit:avx2`,
-// `brgconv:avx512_core`, ...); the inputs are reordered into those layouts and the result back to NCHW, which costs
-// a few percent of the convolution.
+// `brgconv:avx512_core`, ...), and Winograd's algorithm for large 3x3 convolutions where it has one; the inputs are
+// reordered into those layouts and the result back to NCHW, which costs a few percent of the convolution. The
+// blocked copies and oneDNN's working memory come from scratch buffers kept until `SvdConvRelease`, and the forward
+// pass runs over the batch in chunks that bound them.
 //
 // MindSpore's libdnnl is built for the THREADPOOL runtime: it runs in parallel only through a thread pool that the
 // caller hands it with the stream. `Pool` is that pool; its idle workers sleep rather than spin, so they never take
