@@ -172,14 +172,19 @@ class GroupNorm(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis with `weight`/`bias`, computed in float32."""
+    """LayerNorm over the last axis with `weight`/`bias`, computed in float32 (forward by the compiled GroupNorm
+    kernel with one group where the kernels are used)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
         self.dim = dim
         self.eps = eps
         self.affine = affine
-        self.layer_norm = ops.LayerNorm(-1, -1, eps)
+        self.kernel = kernels.layer_norm_op()
+        if self.kernel is not None:
+            self.eps_tensor = Tensor([eps], ms.float32)
+        else:
+            self.layer_norm = ops.LayerNorm(-1, -1, eps)
         if affine:
             self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
             self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
@@ -190,6 +195,10 @@ class LayerNorm(nn.Cell):
             weight, bias = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
         else:
             weight, bias = ops.ones((self.dim,), ms.float32), ops.zeros((self.dim,), ms.float32)
+        if self.kernel is not None:
+            shape = x.shape
+            y, _, _ = self.kernel(x.reshape(-1, self.dim).astype(ms.float32), weight, bias, self.eps_tensor)
+            return y.reshape(shape).astype(dtype)
         y, _, _ = self.layer_norm(x.astype(ms.float32), weight, bias)
         return y.astype(dtype)
 

@@ -259,3 +259,30 @@ def test_convolution_kernel_builds_against_mindspores_own_onednn():
     assert {os.path.realpath(p) for p in loaded} == {
         os.path.realpath(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.2"))
     }
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_layer_norm_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
+    """LayerNorm over the last axis of 2-D and 3-D inputs, affine or not, with the kernel and without: output and
+    the gradients of input, weight and bias against torch in float64."""
+    from modules.layers import LayerNorm
+
+    ms.set_context(mode=mode)
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernel else "0")
+    rng = np.random.default_rng(6)
+    for shape, affine in (((7, 12), True), ((2, 5, 12), True), ((3, 4, 12), False)):
+        cell = LayerNorm(12, eps=1e-6, affine=affine)
+        assert (cell.kernel is not None) == kernel
+        for p in cell.trainable_params():
+            p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+        x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        xt = torch.from_numpy(x).double().requires_grad_(True)
+        params = [torch.from_numpy(p.asnumpy()).double().requires_grad_(True) for p in cell.trainable_params()]
+        yt = torch.nn.functional.layer_norm(xt, (12,), *(params or [None, None]), eps=1e-6)
+        (yt * torch.from_numpy(dy).double()).sum().backward()
+        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+        dx, grads = ms.grad(_WeightedSum(cell, Tensor(dy)), 0, cell.trainable_params())(Tensor(x))
+        for ours, ref in zip([dx, *grads], [xt.grad] + [p.grad for p in params]):
+            np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
