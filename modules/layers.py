@@ -227,13 +227,9 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
-def _pad4(padding: int | tuple[int, ...]) -> tuple[int, int, int, int]:
-    """Padding as (top, bottom, left, right), from one int, (along H, along W) or the four sides."""
-    if isinstance(padding, int):
-        return (padding,) * 4
-    if len(padding) == 2:
-        return (padding[0], padding[0], padding[1], padding[1])
-    return tuple(int(p) for p in padding)
+def _pad4(padding: int | tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Padding as (top, bottom, left, right), from one int or the four sides."""
+    return (padding,) * 4 if isinstance(padding, int) else tuple(int(p) for p in padding)
 
 
 class _Conv(nn.Cell):

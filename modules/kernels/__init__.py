@@ -309,10 +309,10 @@ def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
 def release_conv_memory() -> None:
     """Frees the convolution kernel's scratch buffers, which it keeps between calls (they grow to the largest
     convolution's blocked copies and working memory); a no-op where the kernel is not loaded."""
-    if _on_cpu() and onednn_library.cache_info().currsize and onednn_library() is not None:
+    if _on_cpu() and onednn_library.cache_info().currsize and (lib := onednn_library()) is not None:
         import ctypes
 
-        ctypes.CDLL(onednn_library()).SvdConvRelease()
+        ctypes.CDLL(lib).SvdConvRelease()
 
 
 def conv_geometry(stride: tuple[int, int], padding: tuple[int, int, int, int]):

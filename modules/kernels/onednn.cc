@@ -128,6 +128,16 @@ struct Geometry {
   Tag WeightTag() const { return groups == 1 ? Tag::oihw : Tag::goihw; }
 };
 
+// The layouts MindSpore holds a geometry's tensors in.
+struct Plain {
+  memory::desc src, dst, weight, bias;
+  explicit Plain(const Geometry &g)
+      : src(g.SrcDims(), kF32, Tag::nchw),
+        dst(g.DstDims(), kF32, Tag::nchw),
+        weight(g.WeightDims(), kF32, g.WeightTag()),
+        bias({g.o}, kF32, Tag::x) {}
+};
+
 // params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,); shapes as MindSpore gives them.
 Geometry Read(void **params, int64_t **shapes) {
   const int64_t *x = shapes[0], *wt = shapes[1];
@@ -291,10 +301,10 @@ size_t ChunkBytes() {
 }
 
 int64_t ChunkSize(const Geometry &g, const Primitives &p) {
-  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw);
+  const Plain plain(g);
   size_t bytes = p.forward.scratchpad_desc().get_size();
-  if (p.forward.src_desc() != src) bytes += p.forward.src_desc().get_size();
-  if (p.forward.dst_desc() != dst) bytes += p.forward.dst_desc().get_size();
+  if (p.forward.src_desc() != plain.src) bytes += p.forward.src_desc().get_size();
+  if (p.forward.dst_desc() != plain.dst) bytes += p.forward.dst_desc().get_size();
   const size_t per_sample = bytes / static_cast<size_t>(g.n) + 1;
   const size_t budget = ChunkBytes();
   int64_t chunk = g.n;
@@ -303,77 +313,69 @@ int64_t ChunkSize(const Geometry &g, const Primitives &p) {
 }
 
 // (x, weight, geometry, bias) -> y
-void Forward(void **params, int64_t **shapes) {
-  Geometry g = Read(params, shapes);
+void Forward(Geometry g, void **params) {
   Runtime &rt = Rt();
-  std::lock_guard<std::mutex> lock(rt.mutex);
   const int64_t n = g.n;
   g.n = ChunkSize(g, Get(g, false));
   Primitives &p = Get(g, false);
-  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
-      weight(g.WeightDims(), kF32, g.WeightTag()), bias_desc({g.o}, kF32, Tag::x);
-  memory w = View(weight, p.forward.weights_desc(), params[1], 1, true);
-  memory bias(bias_desc, rt.engine, params[3]);
+  const Plain plain(g);
+  memory w = View(plain.weight, p.forward.weights_desc(), params[1], 1, true);
+  memory bias(plain.bias, rt.engine, params[3]);
   const int64_t src_step = g.n * g.c * g.h * g.w, dst_step = g.n * g.o * g.oh * g.ow;
   for (int64_t i = 0; i < n / g.n; ++i) {
     float *in = static_cast<float *>(params[0]) + i * src_step, *out = static_cast<float *>(params[4]) + i * dst_step;
-    memory x = View(src, p.forward.src_desc(), in, 0, true);
-    memory y = View(dst, p.forward.dst_desc(), out, 2, false);
+    memory x = View(plain.src, p.forward.src_desc(), in, 0, true);
+    memory y = View(plain.dst, p.forward.dst_desc(), out, 2, false);
     p.forward_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
                                       {DNNL_ARG_WEIGHTS, w},
                                       {DNNL_ARG_BIAS, bias},
                                       {DNNL_ARG_DST, y},
                                       {DNNL_ARG_SCRATCHPAD, Workspace(p.forward.scratchpad_desc())}});
-    Return(y, dst, out);
+    Return(y, plain.dst, out);
   }
-  rt.stream.wait();
 }
 
 // (x, weight, geometry, dy) -> dx
-void BackwardData(void **params, int64_t **shapes) {
-  const Geometry g = Read(params, shapes);
+void BackwardData(Geometry g, void **params) {
   Runtime &rt = Rt();
-  std::lock_guard<std::mutex> lock(rt.mutex);
   Primitives &p = Get(g, true);
-  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
-      weight(g.WeightDims(), kF32, g.WeightTag());
-  memory dy = View(dst, p.data.diff_dst_desc(), params[3], 0, true);
-  memory w = View(weight, p.data.weights_desc(), params[1], 1, true);
-  memory dx = View(src, p.data.diff_src_desc(), params[4], 2, false);
+  const Plain plain(g);
+  memory dy = View(plain.dst, p.data.diff_dst_desc(), params[3], 0, true);
+  memory w = View(plain.weight, p.data.weights_desc(), params[1], 1, true);
+  memory dx = View(plain.src, p.data.diff_src_desc(), params[4], 2, false);
   p.data_run.execute(rt.stream, {{DNNL_ARG_DIFF_DST, dy},
                                  {DNNL_ARG_WEIGHTS, w},
                                  {DNNL_ARG_DIFF_SRC, dx},
                                  {DNNL_ARG_SCRATCHPAD, Workspace(p.data.scratchpad_desc())}});
-  Return(dx, src, params[4]);
-  rt.stream.wait();
+  Return(dx, plain.src, params[4]);
 }
 
 // (x, weight, geometry, dy) -> (dweight, dbias)
-void BackwardWeights(void **params, int64_t **shapes) {
-  const Geometry g = Read(params, shapes);
+void BackwardWeights(Geometry g, void **params) {
   Runtime &rt = Rt();
-  std::lock_guard<std::mutex> lock(rt.mutex);
   Primitives &p = Get(g, true);
-  const memory::desc src(g.SrcDims(), kF32, Tag::nchw), dst(g.DstDims(), kF32, Tag::nchw),
-      weight(g.WeightDims(), kF32, g.WeightTag()), bias_desc({g.o}, kF32, Tag::x);
-  memory x = View(src, p.weights.src_desc(), params[0], 0, true);
-  memory dy = View(dst, p.weights.diff_dst_desc(), params[3], 2, true);
-  memory dw = View(weight, p.weights.diff_weights_desc(), params[4], 1, false);
-  memory db(bias_desc, rt.engine, params[5]);
+  const Plain plain(g);
+  memory x = View(plain.src, p.weights.src_desc(), params[0], 0, true);
+  memory dy = View(plain.dst, p.weights.diff_dst_desc(), params[3], 2, true);
+  memory dw = View(plain.weight, p.weights.diff_weights_desc(), params[4], 1, false);
+  memory db(plain.bias, rt.engine, params[5]);
   p.weights_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
                                     {DNNL_ARG_DIFF_DST, dy},
                                     {DNNL_ARG_DIFF_WEIGHTS, dw},
                                     {DNNL_ARG_DIFF_BIAS, db},
                                     {DNNL_ARG_SCRATCHPAD, Workspace(p.weights.scratchpad_desc())}});
-  Return(dw, weight, params[4]);
-  rt.stream.wait();
+  Return(dw, plain.weight, params[4]);
 }
 
-// Runs `body`, turning any exception (a shape oneDNN rejects, memory exhausted) into a non-zero status.
-int Guard(int nparam, int expected, void (*body)(void **, int64_t **), void **params, int64_t **shapes) {
+// Runs `body` on the call's geometry, one call at a time, waiting for the stream; any exception (a shape oneDNN
+// rejects, memory exhausted) becomes a non-zero status.
+int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **params, int64_t **shapes) {
   if (nparam != expected) return 1;
   try {
-    body(params, shapes);
+    Runtime &rt = Rt();
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    body(Read(params, shapes), params);
+    rt.stream.wait();
     return 0;
   } catch (...) {
     return 2;
