@@ -204,18 +204,19 @@ def _conv_cases():
 @pytest.mark.parametrize("kernel", ["chunked", True, False])
 def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel):
     """Conv2d in every geometry the networks use and TemporalConv, with the oneDNN kernel (where it builds; also with
-    a memory bound that makes it run over the batch in chunks) and without: outputs and the gradients of input,
-    weight and bias against torch in float64, on float32, float16 and transposed-view inputs. All geometries run in
-    one process, so each must keep its own output shape."""
+    a memory bound that makes it run one sample, and for TemporalConv one column, at a time) and without: outputs
+    and the gradients of input, weight and bias against torch in float64, on float32, float16 and transposed-view
+    inputs. All geometries run in one process, so each must keep its own output shape."""
     from modules.layers import Conv2d, TemporalConv
 
     ms.set_context(mode=mode)
     monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernel else "0")
     if kernel == "chunked":
-        monkeypatch.setenv("SVD_CONV_CHUNK_BYTES", "1")  # one sample at a time
+        monkeypatch.setenv("SVD_CONV_CHUNK_BYTES", "1")  # one sample at a time, TemporalConv one column
     rng = np.random.default_rng(5)
     cases = [(Conv2d(6, 4, **kw), shape) for kw, shape in _conv_cases()]
     cases.append((TemporalConv(6, 4, (3, 1, 1)), (2, 6, 5, 3, 4)))
+    cases.append((TemporalConv(6, 4, (3, 1, 1)), (1, 6, 5, 2, 3)))  # one clip, as the VAE decoder gives it
     for cell, shape in cases:
         assert (cell.conv.kernel is not None) == (kernel and kernels.onednn_library() is not None)
         for p in cell.trainable_params():

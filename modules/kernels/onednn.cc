@@ -7,7 +7,7 @@
 // `brgconv:avx512_core`, ...), and Winograd's algorithm for large 3x3 convolutions where it has one; the inputs are
 // reordered into those layouts and the result back to NCHW, which costs a few percent of the convolution. The
 // blocked copies and oneDNN's working memory come from scratch buffers kept until `SvdConvRelease`, and the forward
-// pass runs over the batch in chunks that bound them.
+// pass runs in pieces (of the batch, else of the columns) that bound them.
 //
 // MindSpore's libdnnl is built for the THREADPOOL runtime: it runs in parallel only through a thread pool that the
 // caller hands it with the stream. `Pool` is that pool; its idle workers sleep rather than spin, so they never take
@@ -27,6 +27,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -128,14 +130,16 @@ struct Geometry {
   Tag WeightTag() const { return groups == 1 ? Tag::oihw : Tag::goihw; }
 };
 
-// The layouts MindSpore holds a geometry's tensors in.
+// The layouts MindSpore holds a geometry's tensors in: NCHW, where a row may be longer than the geometry's
+// (`row`, `out_row`: the columns of a call that the forward pass splits into pieces of columns).
 struct Plain {
   memory::desc src, dst, weight, bias;
-  explicit Plain(const Geometry &g)
-      : src(g.SrcDims(), kF32, Tag::nchw),
-        dst(g.DstDims(), kF32, Tag::nchw),
+  explicit Plain(const Geometry &g, int64_t row = 0, int64_t out_row = 0)
+      : src(g.SrcDims(), kF32, Strides(g.c, g.h, row ? row : g.w)),
+        dst(g.DstDims(), kF32, Strides(g.o, g.oh, out_row ? out_row : g.ow)),
         weight(g.WeightDims(), kF32, g.WeightTag()),
         bias({g.o}, kF32, Tag::x) {}
+  static memory::dims Strides(int64_t c, int64_t h, int64_t row) { return {c * h * row, h * row, row, 1}; }
 };
 
 // params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,); shapes as MindSpore gives them.
@@ -174,14 +178,15 @@ Runtime &Rt() {
 
 // Scratch space for the blocked copies and oneDNN's working memory, kept between calls (allocating and first
 // touching a few hundred megabytes at every call of the VAE's decoder cost about half of its convolution time) until
-// `SvdConvRelease`, which the pipeline calls between its stages.
+// `SvdConvRelease`, which the pipeline calls between its stages. One buffer holds all of a call's parts side by side,
+// so it grows to the largest call's total rather than to the sum of each part's largest.
 struct Scratch {
   void *ptr = nullptr;
   size_t size = 0;
   void *Get(size_t bytes) {
     if (bytes > size) {
       std::free(ptr);
-      ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      ptr = std::aligned_alloc(64, bytes);
       size = ptr ? bytes : 0;
       if (!ptr) throw std::bad_alloc();
     }
@@ -193,15 +198,34 @@ struct Scratch {
     size = 0;
   }
 };
-Scratch scratch[4];  // three tensors and oneDNN's own scratchpad
+Scratch scratch;
+
+size_t Round(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+// The room a tensor takes in the scratch buffer: none when MindSpore's layout is the one the primitive wants.
+size_t Need(const memory::desc &plain, const memory::desc &wanted) {
+  return plain == wanted ? 0 : Round(wanted.get_size());
+}
+
+// One call's part of the scratch buffer, handed out in order.
+struct Arena {
+  char *base;
+  size_t used = 0;
+  explicit Arena(size_t bytes) : base(static_cast<char *>(scratch.Get(bytes))) {}
+  void *Take(size_t bytes) {
+    void *at = base + used;
+    used += Round(bytes);
+    return at;
+  }
+};
 
 // A tensor that MindSpore holds in a plain layout, seen in the layout the primitive wants: the same memory when they
-// agree, else one of the scratch buffers, filled by a reorder when `fill`.
-memory View(const memory::desc &plain, const memory::desc &wanted, void *data, int slot, bool fill) {
+// agree, else room in the arena, filled by a reorder when `fill`.
+memory View(const memory::desc &plain, const memory::desc &wanted, void *data, Arena &arena, bool fill) {
   Runtime &rt = Rt();
   memory user(plain, rt.engine, data);
   if (plain == wanted) return user;
-  memory blocked(wanted, rt.engine, scratch[slot].Get(wanted.get_size()));
+  memory blocked(wanted, rt.engine, arena.Take(wanted.get_size()));
   if (fill) dnnl::reorder(user, blocked).execute(rt.stream, user, blocked);
   return blocked;
 }
@@ -244,9 +268,9 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-// The working memory a primitive asks for, from the fourth scratch buffer.
-memory Workspace(const memory::desc &desc) {
-  return memory(desc, Rt().engine, desc.get_size() ? scratch[3].Get(desc.get_size()) : nullptr);
+// The working memory a primitive asks for, from the arena.
+memory Workspace(const memory::desc &desc, Arena &arena) {
+  return memory(desc, Rt().engine, desc.get_size() ? arena.Take(desc.get_size()) : nullptr);
 }
 
 // The primitives of one geometry, created on first use (the gradients' only when asked for).
@@ -290,48 +314,70 @@ Primitives &Get(const Geometry &g, bool gradients) {
   return p;
 }
 
-// The forward pass runs over the batch in chunks whose blocked copies and working memory stay under this many bytes
-// (where one sample allows): Winograd's working memory is about 4.6 times the input, so the VAE decoder's largest
-// layers (14 frames of 128 channels at 128x128) would otherwise hold about 770 MB beside MindSpore's own tensors.
-// The chunk size divides the batch, so that the weights are transformed once per call. SVD_CONV_CHUNK_BYTES sets
-// another bound (the tests use a small one).
+// The forward pass runs in pieces whose blocked copies and working memory stay under this many bytes where the
+// geometry allows: Winograd's working memory is about 4.6 times the input, so the VAE decoder's largest layers (14
+// frames of 128 channels at 128x128) would otherwise hold about 770 MB beside MindSpore's own tensors. A piece is a
+// divisor of the batch, so that the weights are transformed once per call; when one sample is still over the bound
+// and the kernel is one column wide without padding along W (the temporal convolutions: (kt, 1) over (T, H*W), a
+// batch of one clip), a piece is also a divisor of the columns. SVD_CONV_CHUNK_BYTES sets another bound (the tests
+// use a small one).
 size_t ChunkBytes() {
   const char *env = std::getenv("SVD_CONV_CHUNK_BYTES");
   return env != nullptr ? std::strtoull(env, nullptr, 10) : size_t(128) << 20;
 }
 
-int64_t ChunkSize(const Geometry &g, const Primitives &p) {
+// The smallest divisor of `n` that is at least `want` (n itself when none is smaller).
+int64_t DivisorAtLeast(int64_t n, int64_t want) {
+  for (int64_t k = want < 1 ? 1 : want; k < n; ++k)
+    if (n % k == 0) return k;
+  return n;
+}
+
+// (samples, columns) of one piece of the forward pass.
+std::pair<int64_t, int64_t> Piece(const Geometry &g) {
+  const Primitives &p = Get(g, false);
   const Plain plain(g);
   size_t bytes = p.forward.scratchpad_desc().get_size();
   if (p.forward.src_desc() != plain.src) bytes += p.forward.src_desc().get_size();
   if (p.forward.dst_desc() != plain.dst) bytes += p.forward.dst_desc().get_size();
-  const size_t per_sample = bytes / static_cast<size_t>(g.n) + 1;
-  const size_t budget = ChunkBytes();
-  int64_t chunk = g.n;
-  while (chunk > 1 && (per_sample * static_cast<size_t>(chunk) > budget || g.n % chunk != 0)) --chunk;
-  return chunk;
+  const size_t per_sample = bytes / static_cast<size_t>(g.n) + 1, budget = ChunkBytes();
+  const int64_t over = static_cast<int64_t>((per_sample * g.n + budget - 1) / budget);  // pieces needed
+  const int64_t samples = g.n / DivisorAtLeast(g.n, over);
+  const bool columns = g.kw == 1 && g.strides[1] == 1 && g.pad_l[1] == 0 && g.pad_r[1] == 0;
+  if (samples > 1 || !columns || per_sample <= budget) return {samples, g.w};
+  return {1, g.w / DivisorAtLeast(g.w, static_cast<int64_t>((per_sample + budget - 1) / budget))};
 }
 
 // (x, weight, geometry, bias) -> y
 void Forward(Geometry g, void **params) {
   Runtime &rt = Rt();
-  const int64_t n = g.n;
-  g.n = ChunkSize(g, Get(g, false));
+  const int64_t n = g.n, width = g.w;
+  std::tie(g.n, g.w) = Piece(g);
+  g.ow = g.w == width ? g.ow : g.w;  // split columns only where the output has the input's
   Primitives &p = Get(g, false);
-  const Plain plain(g);
-  memory w = View(plain.weight, p.forward.weights_desc(), params[1], 1, true);
+  const int64_t out_width = g.w == width ? g.ow : width;
+  const Plain plain(g, width, out_width);
+  const auto &f = p.forward;
+  Arena arena(Need(plain.weight, f.weights_desc()) + Need(plain.src, f.src_desc()) + Need(plain.dst, f.dst_desc()) +
+              Round(f.scratchpad_desc().get_size()));
+  memory w = View(plain.weight, f.weights_desc(), params[1], arena, true);
   memory bias(plain.bias, rt.engine, params[3]);
-  const int64_t src_step = g.n * g.c * g.h * g.w, dst_step = g.n * g.o * g.oh * g.ow;
-  for (int64_t i = 0; i < n / g.n; ++i) {
-    float *in = static_cast<float *>(params[0]) + i * src_step, *out = static_cast<float *>(params[4]) + i * dst_step;
-    memory x = View(plain.src, p.forward.src_desc(), in, 0, true);
-    memory y = View(plain.dst, p.forward.dst_desc(), out, 2, false);
-    p.forward_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
-                                      {DNNL_ARG_WEIGHTS, w},
-                                      {DNNL_ARG_BIAS, bias},
-                                      {DNNL_ARG_DST, y},
-                                      {DNNL_ARG_SCRATCHPAD, Workspace(p.forward.scratchpad_desc())}});
-    Return(y, plain.dst, out);
+  const size_t pieces_start = arena.used;  // every piece takes the same room after the weights
+  const int64_t src_sample = g.c * g.h * width, dst_sample = g.o * g.oh * out_width;
+  for (int64_t i = 0; i < n; i += g.n) {
+    for (int64_t j = 0; j < width; j += g.w) {
+      float *in = static_cast<float *>(params[0]) + i * src_sample + j;
+      float *out = static_cast<float *>(params[4]) + i * dst_sample + j;
+      arena.used = pieces_start;
+      memory x = View(plain.src, f.src_desc(), in, arena, true);
+      memory y = View(plain.dst, f.dst_desc(), out, arena, false);
+      p.forward_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
+                                        {DNNL_ARG_WEIGHTS, w},
+                                        {DNNL_ARG_BIAS, bias},
+                                        {DNNL_ARG_DST, y},
+                                        {DNNL_ARG_SCRATCHPAD, Workspace(f.scratchpad_desc(), arena)}});
+      Return(y, plain.dst, out);
+    }
   }
 }
 
@@ -340,13 +386,16 @@ void BackwardData(Geometry g, void **params) {
   Runtime &rt = Rt();
   Primitives &p = Get(g, true);
   const Plain plain(g);
-  memory dy = View(plain.dst, p.data.diff_dst_desc(), params[3], 0, true);
-  memory w = View(plain.weight, p.data.weights_desc(), params[1], 1, true);
-  memory dx = View(plain.src, p.data.diff_src_desc(), params[4], 2, false);
+  const auto &d = p.data;
+  Arena arena(Need(plain.dst, d.diff_dst_desc()) + Need(plain.weight, d.weights_desc()) +
+              Need(plain.src, d.diff_src_desc()) + Round(d.scratchpad_desc().get_size()));
+  memory dy = View(plain.dst, d.diff_dst_desc(), params[3], arena, true);
+  memory w = View(plain.weight, d.weights_desc(), params[1], arena, true);
+  memory dx = View(plain.src, d.diff_src_desc(), params[4], arena, false);
   p.data_run.execute(rt.stream, {{DNNL_ARG_DIFF_DST, dy},
                                  {DNNL_ARG_WEIGHTS, w},
                                  {DNNL_ARG_DIFF_SRC, dx},
-                                 {DNNL_ARG_SCRATCHPAD, Workspace(p.data.scratchpad_desc())}});
+                                 {DNNL_ARG_SCRATCHPAD, Workspace(d.scratchpad_desc(), arena)}});
   Return(dx, plain.src, params[4]);
 }
 
@@ -355,15 +404,18 @@ void BackwardWeights(Geometry g, void **params) {
   Runtime &rt = Rt();
   Primitives &p = Get(g, true);
   const Plain plain(g);
-  memory x = View(plain.src, p.weights.src_desc(), params[0], 0, true);
-  memory dy = View(plain.dst, p.weights.diff_dst_desc(), params[3], 2, true);
-  memory dw = View(plain.weight, p.weights.diff_weights_desc(), params[4], 1, false);
+  const auto &b = p.weights;
+  Arena arena(Need(plain.src, b.src_desc()) + Need(plain.dst, b.diff_dst_desc()) +
+              Need(plain.weight, b.diff_weights_desc()) + Round(b.scratchpad_desc().get_size()));
+  memory x = View(plain.src, b.src_desc(), params[0], arena, true);
+  memory dy = View(plain.dst, b.diff_dst_desc(), params[3], arena, true);
+  memory dw = View(plain.weight, b.diff_weights_desc(), params[4], arena, false);
   memory db(plain.bias, rt.engine, params[5]);
   p.weights_run.execute(rt.stream, {{DNNL_ARG_SRC, x},
                                     {DNNL_ARG_DIFF_DST, dy},
                                     {DNNL_ARG_DIFF_WEIGHTS, dw},
                                     {DNNL_ARG_DIFF_BIAS, db},
-                                    {DNNL_ARG_SCRATCHPAD, Workspace(p.weights.scratchpad_desc())}});
+                                    {DNNL_ARG_SCRATCHPAD, Workspace(b.scratchpad_desc(), arena)}});
   Return(dw, plain.weight, params[4]);
 }
 
@@ -395,7 +447,7 @@ extern "C" void SvdConvSetThreads(int threads) {
 extern "C" void SvdConvRelease() {
   Runtime &rt = Rt();
   std::lock_guard<std::mutex> lock(rt.mutex);
-  for (auto &s : scratch) s.Release();
+  scratch.Release();
 }
 
 extern "C" int ConvForward(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
