@@ -256,5 +256,9 @@ def our_engine(config: str, seed: int = 0):
     from modules.build import build_engine
 
     engine = build_engine(config, lazy=True)
+    # one image encoder for the first stage and the conditioning frame, as diffusers' pipeline has (and as
+    # build_engine loads a checkpoint that holds the same encoder twice)
+    for prefix in engine.image_encoder_copies():
+        engine.share_image_encoder(prefix)
     fill_random(engine, seed)
     return engine.set_train(False)

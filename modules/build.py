@@ -22,7 +22,9 @@ def build_engine(
     """The engine of a model config, optionally filled from a checkpoint (any format `modules.convert` reads).
 
     With a checkpoint or `lazy`, parameters are created without random initialisation; a lazy engine without a
-    checkpoint only describes names and shapes. `drop` removes config sections (for example "sampler_config").
+    checkpoint only describes names and shapes. A checkpoint's engine has one VAE encoder for the first stage and
+    the conditioning-frame embedder when the checkpoint holds the same weights for both. `drop` removes config
+    sections (for example "sampler_config").
     """
     cfg: Any = to_container(load_config(config) if isinstance(config, str) else config)
     model_cfg = dict(cfg["model"]) if "model" in cfg else dict(cfg)

@@ -107,6 +107,36 @@ class VideoDiffusionEngine(nn.Cell):
         """A cell computing D(x; sigma); build it once and reuse it so graph mode compiles once."""
         return DenoiseCell(self.model, self.denoiser.scaling, self.compute_dtype)
 
+    def image_encoder_copies(self) -> dict[str, nn.Cell]:
+        """The conditioning-frame embedders' own VAE encoders, by parameter-name prefix, that are not (yet) the first
+        stage's. The official single-file checkpoints store the encoder twice, in the first stage and in this
+        embedder; diffusers keeps one for both roles."""
+        from modules.autoencoder import Encoder
+
+        ours = getattr(self.first_stage_model, "encoder", None)
+        copies = {}
+        if not isinstance(ours, Encoder):
+            return copies
+        for i, embedder in enumerate(getattr(self.conditioner, "embedders", [])):
+            theirs = getattr(getattr(embedder, "encoder", None), "encoder", None)
+            if isinstance(theirs, Encoder) and theirs is not ours:
+                copies[f"conditioner.embedders.{i}.encoder.encoder."] = embedder.encoder
+        return copies
+
+    def share_image_encoder(self, prefix: str) -> int:
+        """Make the embedder's encoder under `prefix` (a key of `image_encoder_copies`) the first stage's: one set of
+        weights for both (34 M parameters, 130 MB in float32, fewer for SVD); the embedder's `quant_conv` stays its
+        own. For weights that are equal, which `modules.build.build_engine` checks in the checkpoint before loading.
+        Returns the number of parameters the copy had."""
+        holder = self.image_encoder_copies()[prefix]
+        freed = count_params(holder.encoder)
+        ours = self.first_stage_model.encoder
+        names = [(p, p.name) for p in ours.get_parameters()]
+        holder.encoder = ours
+        for p, name in names:  # a cell set as an attribute has its parameters renamed; they keep the first stage's
+            p.name = name
+        return freed
+
     def decode_first_stage(
         self, z: Tensor, num_frames: int, chunk_size: int | None = None, on_chunk: Callable[[], object] | None = None
     ) -> Tensor:

@@ -60,8 +60,11 @@ class ModelOffload:
         if name not in self.resident:
             return
         self._write(name)
+        # a parameter that another resident part shares (the image encoder of the conditioner and the VAE) stays
+        kept = {id(p) for other in self.resident - {name} for p in self._params[other]}
         for p in self._params[name]:
-            p.set_data(Tensor(_EMPTY).astype(p.dtype), slice_shape=True)
+            if id(p) not in kept:
+                p.set_data(Tensor(_EMPTY).astype(p.dtype), slice_shape=True)
         self.resident.discard(name)
 
     def load(self, name: str) -> None:

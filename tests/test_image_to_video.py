@@ -123,6 +123,63 @@ def test_model_offload_holds_one_part_and_changes_nothing(image, tmp_path):
     assert main(["--image", image, "--output_dir", str(tmp_path / "cli"), "--SVD.model_offload", "true", *FAST]) == 0
 
 
+def test_a_checkpoint_with_two_equal_image_encoders_builds_one(image, tmp_path):
+    """The official checkpoints hold the VAE encoder twice (first stage, conditioning-frame embedder): an engine built
+    from a checkpoint where the two are equal keeps one, and generates the same frames as with both, with and
+    without model offload; a checkpoint whose two encoders differ keeps both."""
+    from modules.engine import count_params
+
+    ms.set_context(mode=1)
+    img = np.asarray(Image.open(image))[:, :64]
+    kwargs = dict(num_frames=3, num_inference_steps=2, seed=5, output_type="np")
+    engine = build_engine(TINY)
+    differing = tmp_path / "differing.ckpt"
+    ms.save_checkpoint([{"name": p.name, "data": p} for p in engine.get_parameters()], str(differing))
+    first = dict(engine.first_stage_model.encoder.parameters_and_names())
+    embedder = next(e for e in engine.conditioner.embedders if hasattr(e, "encoder"))
+    for name, p in embedder.encoder.encoder.parameters_and_names():
+        p.set_data(first[name].value().copy())
+    equal = tmp_path / "equal.ckpt"
+    ms.save_checkpoint([{"name": p.name, "data": p} for p in engine.get_parameters()], str(equal))
+    ref = SVDPipeline(engine, verbose=False)(img, **kwargs).frames
+
+    shared = build_engine(TINY, checkpoint=str(equal))
+    encoder = shared.first_stage_model.encoder
+    assert next(e for e in shared.conditioner.embedders if hasattr(e, "encoder")).encoder.encoder is encoder
+    assert count_params(shared) == count_params(engine) - count_params(encoder)
+    assert not shared.image_encoder_copies() and not any(p.has_init for p in shared.get_parameters())
+    names = {p.name for p in engine.get_parameters()}
+    assert {p.name for p in shared.get_parameters()} == {n for n in names if ".encoder.encoder." not in n}
+    pipe = SVDPipeline(shared, verbose=False)
+    np.testing.assert_array_equal(pipe(img, **kwargs).frames, ref)
+    pipe.enable_model_offload(str(tmp_path / "offload"))
+    for _ in range(2):
+        np.testing.assert_array_equal(pipe(img, **kwargs).frames, ref)
+
+    both = build_engine(TINY, checkpoint=str(differing))
+    assert count_params(both) == count_params(engine) and len(both.image_encoder_copies()) == 1
+
+
+def test_offload_keeps_a_shared_weight_while_a_part_that_uses_it_is_resident(tmp_path):
+    """Two parts holding one cell (as the conditioner and the VAE share the image encoder): releasing one part
+    leaves the shared weights to the other while that one is in memory, and frees them once neither is."""
+    from mindspore import nn
+
+    from modules.offload import ModelOffload
+
+    ms.set_context(mode=1)
+    shared = nn.Dense(4, 3)
+    a, b = nn.SequentialCell([shared, nn.Dense(3, 2)]), nn.SequentialCell([shared])
+    weight = shared.weight.asnumpy().copy()
+    offload = ModelOffload({"a": a, "b": b}, str(tmp_path), release=False)
+    offload.use("a")  # releases b; a stays resident and keeps the shared weight
+    np.testing.assert_array_equal(shared.weight.asnumpy(), weight)
+    offload.release("a")
+    assert shared.weight.shape == (1,)
+    offload.use("b")
+    np.testing.assert_array_equal(shared.weight.asnumpy(), weight)
+
+
 def bad_inputs(tmp_path, image):
     """(name, extra argv, expected message part) for each bad input of the issue."""
     text = tmp_path / "notes.png"

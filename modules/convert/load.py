@@ -194,11 +194,38 @@ def load_checkpoint(engine: nn.Cell, path: str, strict: bool = True) -> list[str
     plan = plan_for(path, engine)
     if plan.problems and strict:
         raise CheckpointError(f"checkpoint {path} does not match the model config: {summarize(plan.problems)}")
+    shared = share_equal_encoders(engine, plan)
     params = {p.name: p for p in engine.get_parameters()}
     for name, arr in iter_mapped(plan):
+        if name.startswith(shared):
+            continue  # the first stage's encoder, loaded under its own names
         p = params[name]
         p.set_data(Tensor(np.ascontiguousarray(arr), p.dtype))
     return plan.problems
+
+
+def share_equal_encoders(engine: nn.Cell, plan: Plan) -> tuple[str, ...]:
+    """Before any weight is loaded, give the conditioning-frame embedder the first stage's VAE encoder wherever the
+    checkpoint holds the same values for both (see VideoDiffusionEngine.image_encoder_copies), so the second copy
+    is never allocated. Returns the parameter-name prefixes that now load nothing."""
+    copies = engine.image_encoder_copies() if hasattr(engine, "image_encoder_copies") else {}
+    if not copies:
+        return ()
+    first = "first_stage_model.encoder."
+    rules = {rule.target: (part, rule) for part, rule in plan.rules()}
+
+    def mapped(name):
+        part, rule = rules[name]
+        return np.asarray(rule.apply([np.asarray(plan.sources[part][s]) for s in rule.sources]))
+
+    shared = []
+    for prefix in copies:
+        names = [n[len(prefix) :] for n in rules if n.startswith(prefix)]
+        ours = {n[len(first) :] for n in rules if n.startswith(first)}
+        if names and set(names) == ours and all(np.array_equal(mapped(prefix + n), mapped(first + n)) for n in names):
+            engine.share_image_encoder(prefix)
+            shared.append(prefix)
+    return tuple(shared)
 
 
 def save_mapped(plan: Plan, out_path: str, dtype: str = "fp32") -> int:
@@ -233,6 +260,7 @@ __all__ = [
     "param_shapes",
     "plan_for",
     "save_mapped",
+    "share_equal_encoders",
     "sgm_name_map",
     "summarize",
 ]
