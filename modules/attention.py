@@ -156,15 +156,17 @@ class GEGLU(nn.Cell):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
-        self.kernel = kernels.geglu_op()
+        self.kernel = kernels.geglu_op()  # adds the projection's bias itself
         self.gelu = GELU() if self.kernel is None else None
 
     def construct(self, x: Tensor) -> Tensor:
-        p = self.proj(x)
-        if self.kernel is not None:
-            return self.kernel(p.astype(ms.float32)).astype(p.dtype)
-        h, gate = ops.chunk(p, 2, axis=-1)
-        return h * self.gelu(gate)
+        if self.kernel is None:
+            h, gate = ops.chunk(self.proj(x), 2, axis=-1)
+            return h * self.gelu(gate)
+        shape = x.shape
+        p = self.proj.matmul(x.reshape(-1, shape[-1]), self.proj.weight.astype(x.dtype))
+        y = self.kernel(p.astype(ms.float32), self.proj.bias.astype(ms.float32)).astype(x.dtype)
+        return y.reshape(shape[:-1] + (y.shape[-1],))
 
 
 class FeedForward(nn.Cell):

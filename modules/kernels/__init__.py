@@ -190,9 +190,22 @@ def gelu_op():
 
 
 def geglu_op():
-    """`h * gelu(g)` of a float32 tensor (..., 2d) whose halves are h and g, giving (..., d), with its gradient; or
-    None (see the module)."""
-    return _custom("GegluForward", "GegluBackward", _half_last)
+    """`op(p, bias)`: `h * gelu(g)` where h and g are the halves of p + bias, for float32 p (..., 2d) and bias
+    (2d,), giving (..., d), with the gradients of p and bias; or None (see the module). The bias is added inside
+    the kernel, so the projection before it needs no BiasAdd of its own."""
+    if not enabled():
+        return None
+    lib = library()
+    grad = ops.Custom(f"{lib}:GegluBackward", _like_first, _like_first, func_type="aot")
+
+    def bprop(p, bias, out, dout):
+        dp = grad(p, bias, dout)
+        return dp, dp.reshape(-1, bias.shape[0]).sum(0)
+
+    def out_shape(p, _):
+        return _half_last(p)
+
+    return ops.Custom(f"{lib}:GegluForward", out_shape, _like_first, func_type="aot", bprop=bprop)
 
 
 def group_norm_op(groups: int, silu: bool):

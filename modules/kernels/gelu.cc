@@ -64,34 +64,40 @@ extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **sha
   return 0;
 }
 
-// GegluForward(p) -> y: p is (..., 2d), its halves h = p[..., :d] and g = p[..., d:]; y = h * GELU(g), (..., d).
+// GegluForward(p, bias) -> y: p is (..., 2d), bias (2d,) (the projection's, added here rather than on its own);
+// h and g are the halves of p + bias, y = h * GELU(g), (..., d).
 extern "C" int GegluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void *stream, void *extra) {
-  if (nparam != 2) return 1;
+  if (nparam != 3) return 1;
   const float *p = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  const int64_t d = shapes[1][ndims[1] - 1];
-  const int64_t rows = Count(ndims[1], shapes[1]) / d;
+  const float *bh = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t d = shapes[2][ndims[2] - 1];
+  const int64_t rows = Count(ndims[2], shapes[2]) / d;
+  const float *bg = bh + d;
 #pragma omp parallel for schedule(static) if (rows * d >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float *h = p + r * 2 * d;
     const float *g = h + d;
     float *out = y + r * d;
 #pragma omp simd
-    for (int64_t j = 0; j < d; ++j) out[j] = h[j] * Gelu(g[j]);
+    for (int64_t j = 0; j < d; ++j) out[j] = (h[j] + bh[j]) * Gelu(g[j] + bg[j]);
   }
   return 0;
 }
 
-// GegluBackward(p, dy) -> dp: dp[..., :d] = dy * GELU(g), dp[..., d:] = dy * h * GELU'(g).
+// GegluBackward(p, bias, dy) -> dp: dp[..., :d] = dy * GELU(g), dp[..., d:] = dy * h * GELU'(g), h and g as in the
+// forward pass (the bias's gradient is the sum of dp over rows).
 extern "C" int GegluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 3) return 1;
+  if (nparam != 4) return 1;
   const float *p = static_cast<const float *>(params[0]);
-  const float *dy = static_cast<const float *>(params[1]);
-  float *dp = static_cast<float *>(params[2]);
-  const int64_t d = shapes[1][ndims[1] - 1];
-  const int64_t rows = Count(ndims[1], shapes[1]) / d;
+  const float *bh = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dp = static_cast<float *>(params[3]);
+  const int64_t d = shapes[2][ndims[2] - 1];
+  const int64_t rows = Count(ndims[2], shapes[2]) / d;
+  const float *bg = bh + d;
 #pragma omp parallel for schedule(static) if (rows * d >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float *h = p + r * 2 * d;
@@ -101,8 +107,9 @@ extern "C" int GegluBackward(int nparam, void **params, int *ndims, int64_t **sh
     float *dg = dh + d;
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
-      dh[j] = dout[j] * Gelu(g[j]);
-      dg[j] = dout[j] * h[j] * GeluGrad(g[j]);
+      const float hj = h[j] + bh[j], gj = g[j] + bg[j];
+      dh[j] = dout[j] * Gelu(gj);
+      dg[j] = dout[j] * hj * GeluGrad(gj);
     }
   }
   return 0;
