@@ -286,7 +286,9 @@ def _set_threads(lib: str, threads: int) -> None:
 def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
     """2D convolution of float32 tensors through oneDNN's direct kernels, with its gradients; or None (see the
     module). Called as `op(x, weight, geometry, bias)` with x (N, C, H, W), weight (O, C / groups, kh, kw), bias (O,)
-    and geometry the int64 tensor `conv_geometry(stride, padding)`; padding is (top, bottom, left, right)."""
+    and geometry the int64 tensor `conv_geometry(stride, padding)`; padding is (top, bottom, left, right). Also
+    takes x (N, C, T, H, W) with a weight (O, C, kt, 1, 1), stride 1 and no padding along W: the temporal
+    convolution, run as the 2-D one over (N, C, T, H*W) without reshaping either."""
     if not _on_cpu():
         return None
     lib = onednn_library()
@@ -297,6 +299,8 @@ def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
 
     def out_shape(x, weight, *_):
         height = (x[2] + top + bottom - weight[2]) // sh + 1
+        if len(x) == 5:  # a temporal convolution (see conv2d_op): the last two axes stay
+            return [x[0], weight[0], height, x[3], x[4]]
         return [x[0], weight[0], height, (x[3] + left + right - weight[3]) // sw + 1]
 
     def weight_grads(x, weight, *_):

@@ -142,11 +142,14 @@ struct Plain {
   static memory::dims Strides(int64_t c, int64_t h, int64_t row) { return {c * h * row, h * row, row, 1}; }
 };
 
-// params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,); shapes as MindSpore gives them.
-Geometry Read(void **params, int64_t **shapes) {
+// params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,); shapes as MindSpore gives them. A 5-D x
+// (n, c, t, h, w) with a weight (o, c, kt, 1, 1), a temporal convolution, is the 2-D convolution of (n, c, t, h*w)
+// with (o, c, kt, 1): the same memory.
+Geometry Read(void **params, int *ndims, int64_t **shapes) {
   const int64_t *x = shapes[0], *wt = shapes[1];
   const int64_t *g = static_cast<const int64_t *>(params[2]);
-  Geometry geo{x[0], x[1], x[2], x[3], wt[0], wt[2], wt[3], 0, 0, x[1] / wt[1], {g[0], g[1]}, {g[2], g[4]},
+  const int64_t width = ndims[0] == 5 ? x[3] * x[4] : x[3];
+  Geometry geo{x[0], x[1], x[2], width, wt[0], wt[2], wt[3], 0, 0, x[1] / wt[1], {g[0], g[1]}, {g[2], g[4]},
                {g[3], g[5]}};
   geo.oh = (geo.h + g[2] + g[3] - geo.kh) / g[0] + 1;
   geo.ow = (geo.w + g[4] + g[5] - geo.kw) / g[1] + 1;
@@ -421,12 +424,13 @@ void BackwardWeights(Geometry g, void **params) {
 
 // Runs `body` on the call's geometry, one call at a time, waiting for the stream; any exception (a shape oneDNN
 // rejects, memory exhausted) becomes a non-zero status.
-int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **params, int64_t **shapes) {
+int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **params, int *ndims, int64_t **shapes) {
   if (nparam != expected) return 1;
   try {
     Runtime &rt = Rt();
     std::lock_guard<std::mutex> lock(rt.mutex);
-    body(Read(params, shapes), params);
+    if ((ndims[0] != 4 && ndims[0] != 5) || ndims[1] != ndims[0]) return 1;
+    body(Read(params, ndims, shapes), params);
     rt.stream.wait();
     return 0;
   } catch (...) {
@@ -450,15 +454,16 @@ extern "C" void SvdConvRelease() {
   scratch.Release();
 }
 
-extern "C" int ConvForward(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return Guard(nparam, 5, Forward, params, shapes);
+extern "C" int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return Guard(nparam, 5, Forward, params, ndims, shapes);
 }
 
-extern "C" int ConvBackwardData(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  return Guard(nparam, 5, BackwardData, params, shapes);
+extern "C" int ConvBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                void *) {
+  return Guard(nparam, 5, BackwardData, params, ndims, shapes);
 }
 
-extern "C" int ConvBackwardWeights(int nparam, void **params, int *, int64_t **shapes, const char **, void *,
+extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                    void *) {
-  return Guard(nparam, 6, BackwardWeights, params, shapes);
+  return Guard(nparam, 6, BackwardWeights, params, ndims, shapes);
 }
