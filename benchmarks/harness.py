@@ -4,7 +4,8 @@ one framework).
 
 A benchmark script defines a `Case`-building argument parser and two functions, `ours(case)` and `ref(case)`, that
 build their side, run it `case.warmup` times untimed (graph compilation), then `case.runs` times, and return a
-`Measurement`. `main()` runs both sides as `python SCRIPT --side ours|ref ...` and prints:
+`Measurement`. `main()` runs both sides as `python SCRIPT --side ours|ref ...`, one after the other (or, with
+`--interleave`, both alive at once with their timed runs alternating), and prints:
 
     side  median_s  min_s  max_s  peak_MiB  GFLOP  GFLOP/s  matmul_GFLOP/s  first_s
     ...
@@ -61,12 +62,39 @@ class Measurement:
         return statistics.median(self.times_s)
 
 
+class _Turns:
+    """An interleaved worker's timed calls: after the warm-up it prints READY, then runs one call per `run` line on
+    stdin and answers `TIME seconds`, until `done`."""
+
+    def __init__(self):
+        self.claimed = False
+
+    def run(self, fn: Callable[[], object], sync: Callable[[object], object]) -> list[float]:
+        print("READY", flush=True)
+        times = []
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            start = time.perf_counter()
+            sync(fn())
+            times.append(time.perf_counter() - start)
+            print(f"TIME {times[-1]}", flush=True)
+        return times
+
+
+_turns: _Turns | None = None  # set in an interleaved worker; its first `timed` call takes turns
+
+
 def timed(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[object], object] = lambda r: r):
-    """(times of `runs` calls, seconds of the `warmup` calls before them); `sync` waits for a result."""
+    """(times of `runs` calls, seconds of the `warmup` calls before them); `sync` waits for a result. In an
+    interleaved worker (`--interleave`), the first call's timed runs are the ones the parent asks for."""
     start = time.perf_counter()
     for _ in range(warmup):
         sync(fn())
     first = time.perf_counter() - start
+    if _turns is not None and not _turns.claimed:
+        _turns.claimed = True
+        return _turns.run(fn, sync), first
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -184,6 +212,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of both sides (0: all cores)")
     p.add_argument("--side", choices=["ours", "ref", "both"], default="both")
     p.add_argument("--json", action="store_true", help="print the measurements as one JSON line")
+    p.add_argument(
+        "--interleave", action="store_true",
+        help="keep both sides' processes alive (both sides' memory at once) and alternate their timed runs, so that "
+        "a change in the machine's load falls on both",
+    )  # fmt: skip
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # an interleaved worker
     return p
 
 
@@ -211,6 +245,71 @@ def _row(name: str, m: Measurement, gflop: float | None) -> str:
     )
 
 
+def _worker(side: str, *extra: str) -> list[str]:
+    argv = [a for a in sys.argv[1:] if not a.startswith("--side") and a != "--interleave"]
+    return [sys.executable, sys.argv[0], *argv, f"--side={side}", *extra]
+
+
+def _result(side: str, code: int, out: str, err: str) -> Measurement:
+    lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    if code or not lines:
+        sys.stderr.write(out[-3000:] + err[-3000:])
+        raise RuntimeError(f"the {side} side failed (exit code {code})")
+    return Measurement(**json.loads(lines[-1][len("RESULT ") :]))
+
+
+def _one_after_the_other() -> dict[str, Measurement]:
+    results = {}
+    for side in ("ours", "ref"):
+        proc = subprocess.run(_worker(side), capture_output=True, text=True, env=dict(os.environ, GLOG_v="3"))
+        results[side] = _result(side, proc.returncode, proc.stdout, proc.stderr)
+    return results
+
+
+def _interleaved(runs: int) -> dict[str, Measurement]:
+    """Both workers built and warmed up side by side, then their timed runs in alternation (ours first in even
+    rounds, the reference first in odd ones); the idle one waits on its stdin."""
+    import tempfile
+
+    procs, logs = {}, {}
+    try:
+        for side in ("ours", "ref"):
+            logs[side] = tempfile.TemporaryFile("w+")
+            procs[side] = subprocess.Popen(
+                _worker(side, "--serve"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[side],
+                text=True, env=dict(os.environ, GLOG_v="3"),
+            )  # fmt: skip
+            _expect(procs[side], "READY", side, logs[side])  # one build at a time: the peaks stay apart
+        for i in range(runs):
+            for side in ("ours", "ref") if i % 2 == 0 else ("ref", "ours"):
+                procs[side].stdin.write("run\n")
+                procs[side].stdin.flush()
+                _expect(procs[side], "TIME", side, logs[side])
+        results = {}
+        for side, proc in procs.items():
+            out, _ = proc.communicate("done\n")
+            logs[side].seek(0)
+            results[side] = _result(side, proc.returncode, out, logs[side].read())
+        return results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for log in logs.values():
+            log.close()
+
+
+def _expect(proc: subprocess.Popen, word: str, side: str, log) -> str:
+    """Read a worker's stdout up to the line starting with `word`."""
+    for line in proc.stdout:
+        if line.startswith(word):
+            return line
+    proc.wait()
+    log.seek(0)
+    sys.stderr.write(log.read()[-3000:])
+    raise RuntimeError(f"the {side} side failed (exit code {proc.returncode})")
+
+
 def main(
     parser: argparse.ArgumentParser,
     ours: Callable[[Case], Measurement],
@@ -221,26 +320,18 @@ def main(
     args = parser.parse_args()
     case = case_from_args(args, extra_keys)
     if args.side != "both":  # a worker: one side, one process
+        global _turns
+        _turns = _Turns() if args.serve else None
         set_threads(case.threads)
         m = (ours if args.side == "ours" else ref)(case)
         print("RESULT " + json.dumps(asdict(m)), flush=True)
         return 0
 
-    results = {}
-    for side in ("ours", "ref"):
-        argv = [a for a in sys.argv[1:] if not a.startswith("--side")]
-        proc = subprocess.run(
-            [sys.executable, sys.argv[0], *argv, f"--side={side}"],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, GLOG_v="3"),
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-            print(f"error: the {side} side failed (exit code {proc.returncode})", file=sys.stderr)
-            return 1
-        results[side] = Measurement(**json.loads(lines[-1][len("RESULT ") :]))
+    try:
+        results = _interleaved(case.runs) if args.interleave else _one_after_the_other()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     o, r = results["ours"], results["ref"]
     gflop = r.gflop
     print(describe(case) if describe else f"{case.config} {case.frames}x{case.height}x{case.width}")
@@ -255,5 +346,8 @@ def main(
             print(f"{name} notes: " + ", ".join(f"{k}={v}" for k, v in m.notes.items()))
     if args.json:
         print(json.dumps({"case": asdict(case), "ours": asdict(o), "ref": asdict(r)}))
+    if args.interleave:  # run i of each side shared the machine's state
+        paired = [a / b for a, b in zip(o.times_s, r.times_s)]
+        print("paired ratios " + " ".join(f"{x:.3f}" for x in paired) + f", median {statistics.median(paired):.3f}")
     print(f"ours_s={o.median_s:.3f} ref_s={r.median_s:.3f} ratio={o.median_s / r.median_s:.3f}")
     return 0

@@ -1,0 +1,66 @@
+"""The benchmark harness: both sides' timed runs, one after the other or interleaved, and the report's last line."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from benchmarks import harness
+    from benchmarks.harness import Measurement
+
+    def side(name, seconds):
+        def run(case):
+            if os.environ.get("FAIL_SIDE") == name:
+                raise SystemExit("cannot build " + name)
+
+            def call():
+                with open({log!r}, "a") as f:
+                    f.write(name + "\\n")
+                time.sleep(seconds)
+            times, first = harness.timed(call, case.runs, case.warmup)
+            return Measurement(times, first, 1.0)
+        return run
+
+    sys.exit(harness.main(harness.base_parser("test"), side("ours", 0.02), side("ref", 0.04)))
+    """
+)
+
+
+def _bench(tmp_path, *args, fail=None):
+    log = tmp_path / "calls.log"
+    script = tmp_path / "bench_sleep.py"
+    script.write_text(SCRIPT.format(root=str(pathlib.Path(__file__).parents[1]), log=str(log)))
+    env = dict(os.environ, FAIL_SIDE=fail or "")
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, env=env)
+    if fail:
+        return out
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines(), log.read_text().split()
+
+
+def test_sides_run_one_after_the_other_by_default(tmp_path):
+    lines, calls = _bench(tmp_path, "--runs", "3", "--warmup", "1")
+    assert calls == ["ours"] * 4 + ["ref"] * 4
+    assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]
+    assert 0.3 < float(lines[-1].split("ratio=")[1]) < 0.7  # 20 ms against 40 ms
+
+
+def test_interleaved_sides_alternate_their_timed_runs(tmp_path):
+    lines, calls = _bench(tmp_path, "--runs", "4", "--warmup", "1", "--interleave")
+    # the warm-up calls of each side as it builds, then the timed ones in turns, each side first every other round
+    assert calls == ["ours", "ref"] + ["ours", "ref", "ref", "ours"] * 2
+    paired = next(line for line in lines if line.startswith("paired ratios"))
+    assert len(paired.split(",")[0].split()) == 2 + 4
+    assert 0.3 < float(lines[-1].split("ratio=")[1]) < 0.7
+
+
+def test_a_side_that_fails_fails_the_benchmark_in_both_ways(tmp_path):
+    for extra in ([], ["--interleave"]):
+        out = _bench(tmp_path, "--runs", "2", *extra, fail="ref")
+        assert out.returncode == 1 and "error: the ref side failed" in out.stderr
+        assert "cannot build ref" in out.stderr
