@@ -163,10 +163,9 @@ class GEGLU(nn.Cell):
         if self.kernel is None:
             h, gate = ops.chunk(self.proj(x), 2, axis=-1)
             return h * self.gelu(gate)
-        shape = x.shape
-        p = self.proj.matmul(x.reshape(-1, shape[-1]), self.proj.weight.astype(x.dtype))
+        p = self.proj.rows_without_bias(x)
         y = self.kernel(p.astype(ms.float32), self.proj.bias.astype(ms.float32)).astype(x.dtype)
-        return y.reshape(shape[:-1] + (y.shape[-1],))
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
 class FeedForward(nn.Cell):

@@ -219,12 +219,15 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
 
+    def rows_without_bias(self, x):
+        """x W^T over the rows of x flattened to (rows, in): (rows, out), for a caller that adds the bias itself."""
+        return self.matmul(x.reshape(-1, x.shape[-1]), self.weight.astype(x.dtype))
+
     def construct(self, x):
-        shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight.astype(x.dtype))
+        y = self.rows_without_bias(x)
         if self.has_bias:
             y = self.bias_add(y, self.bias.astype(x.dtype))  # not `y + bias`: see GroupNorm on broadcasting
-        return y.reshape(shape[:-1] + (self.out_features,))
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
 
 def _pad4(padding: int | tuple[int, int, int, int]) -> tuple[int, int, int, int]:

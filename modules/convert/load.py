@@ -218,10 +218,10 @@ def share_equal_encoders(engine: nn.Cell, plan: Plan) -> tuple[str, ...]:
         part, rule = rules[name]
         return np.asarray(rule.apply([np.asarray(plan.sources[part][s]) for s in rule.sources]))
 
+    ours = {n[len(first) :] for n in rules if n.startswith(first)}
     shared = []
     for prefix in copies:
         names = [n[len(prefix) :] for n in rules if n.startswith(prefix)]
-        ours = {n[len(first) :] for n in rules if n.startswith(first)}
         if names and set(names) == ours and all(np.array_equal(mapped(prefix + n), mapped(first + n)) for n in names):
             engine.share_image_encoder(prefix)
             shared.append(prefix)
