@@ -163,9 +163,8 @@ class GEGLU(nn.Cell):
         if self.kernel is None:
             h, gate = ops.chunk(self.proj(x), 2, axis=-1)
             return h * self.gelu(gate)
-        p = self.proj.rows_without_bias(x)
-        y = self.kernel(p.astype(ms.float32), self.proj.bias.astype(ms.float32)).astype(x.dtype)
-        return y.reshape(x.shape[:-1] + (y.shape[-1],))
+        p = self.proj.without_bias(x)
+        return self.kernel(p.astype(ms.float32), self.proj.bias.astype(ms.float32)).astype(x.dtype)
 
 
 class FeedForward(nn.Cell):

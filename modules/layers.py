@@ -204,7 +204,10 @@ class LayerNorm(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b over the last axis of an input of any rank; W is (out, in) as in PyTorch."""
+    """y = x W^T + b over the last axis of an input of any rank; W is (out, in) as in PyTorch.
+
+    On the CPU the product and the bias are one oneDNN matmul (`modules.kernels.linear_op`, float32) where it builds,
+    which takes x of any rank as it is; else MindSpore's MatMul over the rows and a BiasAdd."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -216,17 +219,26 @@ class Linear(nn.Cell):
         self.has_bias = bias
         if bias:
             self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32), name="bias")
+        self.kernel = kernels.linear_op(bias)
+        self.kernel_no_bias = kernels.linear_op(False) if bias else self.kernel
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
 
-    def rows_without_bias(self, x):
-        """x W^T over the rows of x flattened to (rows, in): (rows, out), for a caller that adds the bias itself."""
-        return self.matmul(x.reshape(-1, x.shape[-1]), self.weight.astype(x.dtype))
+    def without_bias(self, x):
+        """x W^T over the last axis: (..., out), for a caller that adds the bias itself."""
+        if self.kernel_no_bias is not None:
+            return self.kernel_no_bias(x.astype(ms.float32), self.weight.astype(ms.float32)).astype(x.dtype)
+        y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight.astype(x.dtype))
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def construct(self, x):
-        y = self.rows_without_bias(x)
-        if self.has_bias:
-            y = self.bias_add(y, self.bias.astype(x.dtype))  # not `y + bias`: see GroupNorm on broadcasting
+        if not self.has_bias:
+            return self.without_bias(x)
+        if self.kernel is not None:
+            weight, bias = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+            return self.kernel(x.astype(ms.float32), weight, bias).astype(x.dtype)
+        y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight.astype(x.dtype))
+        y = self.bias_add(y, self.bias.astype(x.dtype))  # not `y + bias`: see GroupNorm on broadcasting
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
 

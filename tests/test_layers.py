@@ -292,3 +292,36 @@ def test_layer_norm_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
         dx, grads = ms.grad(_WeightedSum(cell, Tensor(dy)), 0, cell.trainable_params())(Tensor(x))
         for ours, ref in zip([dx, *grads], [xt.grad] + [p.grad for p in params]):
             np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_linear_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
+    """Linear with the oneDNN matmul (where it builds) and with MindSpore's MatMul: 2-D, 3-D and 4-D inputs, with
+    and without bias, on float32, float16 and transposed-view inputs; output and the gradients of input, weight and
+    bias against torch in float64. The shapes differ in every axis, so a swapped dimension cannot pass."""
+    from modules.layers import Linear
+
+    ms.set_context(mode=mode)
+    monkeypatch.setenv("SVD_LINEAR_KERNEL", "1" if kernel else "0")
+    rng = np.random.default_rng(7)
+    for shape, out, bias in (((5, 6), 4, True), ((2, 3, 6), 7, True), ((2, 3, 4, 6), 5, False)):
+        cell = Linear(shape[-1], out, bias=bias)
+        assert (cell.kernel is not None) == (kernel and kernels.onednn_library() is not None)
+        for p in cell.trainable_params():
+            p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+        x = rng.standard_normal(shape).astype(np.float32)
+        dy = rng.standard_normal(shape[:-1] + (out,)).astype(np.float32)
+        xt = torch.from_numpy(x).double().requires_grad_(True)
+        params = [torch.from_numpy(p.asnumpy()).double().requires_grad_(True) for p in cell.trainable_params()]
+        yt = torch.nn.functional.linear(xt, *params)
+        (yt * torch.from_numpy(dy).double()).sum().backward()
+        loss = _WeightedSum(cell, Tensor(dy))
+        view = Tensor(np.ascontiguousarray(np.moveaxis(x, -1, 0))).transpose((*range(1, len(shape)), 0))
+        for inp, tol in ((Tensor(x), 1e-5), (view, 1e-5), (Tensor(x).astype(ms.float16), 3e-2)):
+            y = cell(inp)
+            assert y.dtype == inp.dtype and y.shape == tuple(yt.shape)
+            np.testing.assert_allclose(y.asnumpy().astype(np.float64), yt.detach().numpy(), rtol=tol, atol=tol)
+            dx, grads = ms.grad(loss, 0, cell.trainable_params())(inp)
+            for ours, ref in zip([dx, *grads], [xt.grad] + [p.grad for p in params]):
+                np.testing.assert_allclose(ours.asnumpy().astype(np.float64), ref.numpy(), rtol=10 * tol, atol=10 * tol)

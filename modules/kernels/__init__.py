@@ -6,6 +6,10 @@
   library, on all cores.
 - GroupNorm, alone or followed by SiLU (`group_norm.cc`): three passes over memory where MindSpore's operators take
   about ten; the VAE's decoder and every ResBlock run it on their largest activations.
+- Convolutions and fully connected layers through oneDNN (`onednn.cc`, linked to the libdnnl inside MindSpore): its
+  blocked direct and Winograd convolutions, and its matmul with the bias added in the GEMM's epilogue, on inputs of
+  any rank as they are (MindSpore's MatMul is as fast alone, but a Linear also needs a BiasAdd pass over the output
+  and, in a graph, reshapes that copy).
 
 The sources are built with g++ at first use into one library in a cache folder (`$XDG_CACHE_HOME/svd_mindspore`,
 else `~/.cache/svd_mindspore`), once per source, compiler flags and CPU, and loaded as MindSpore AOT custom
@@ -38,6 +42,7 @@ __all__ = [
     "group_norm_op",
     "layer_norm_op",
     "library",
+    "linear_op",
     "onednn_library",
     "release_conv_memory",
 ]
@@ -321,6 +326,46 @@ def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
     # get the output shape of the first geometry it met
     op.add_prim_attr("geometry", (sh, sw, top, bottom, left, right))
     return op
+
+
+def linear_op(bias: bool):
+    """`op(x, weight, bias)` (or `op(x, weight)` without bias): x W^T + b for float32 x (..., in), weight (out, in)
+    and bias (out,), giving (..., out), with the gradients of all three; or None (see `conv2d_op`). oneDNN's matmul
+    adds the bias in its epilogue, so there is no BiasAdd pass over the output. SVD_LINEAR_KERNEL=0 leaves the
+    layers on MindSpore's MatMul."""
+    if not _on_cpu() or os.environ.get("SVD_LINEAR_KERNEL", "1") == "0":
+        return None
+    lib = onednn_library()
+    if lib is None:
+        return None
+    _set_threads(lib, _threads())
+
+    def out_shape(x, weight, *_):
+        return list(x[:-1]) + [weight[0]]
+
+    def data_shape(dy, weight):
+        return list(dy[:-1]) + [weight[1]]
+
+    def like_second(_, second):
+        return second
+
+    def weight_shape(x, dy):
+        return [dy[-1], x[-1]]
+
+    data = ops.Custom(f"{lib}:LinearBackwardData", data_shape, like_second, func_type="aot")
+    weights = ops.Custom(f"{lib}:LinearBackwardWeights", weight_shape, _like_first, func_type="aot")
+
+    if bias:
+
+        def bprop(x, weight, b, out, dout):
+            return data(dout, weight), weights(x, dout), dout.reshape(-1, b.shape[0]).sum(0)
+
+        return ops.Custom(f"{lib}:LinearForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+
+    def bprop_no_bias(x, weight, out, dout):
+        return data(dout, weight), weights(x, dout)
+
+    return ops.Custom(f"{lib}:LinearForwardNoBias", out_shape, _like_first, func_type="aot", bprop=bprop_no_bias)
 
 
 def release_conv_memory() -> None:

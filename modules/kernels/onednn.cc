@@ -1,5 +1,6 @@
-// 2D convolution for MindSpore's CPU backend as AOT custom operators (forward, gradient of the input, gradients of
-// the weight and bias), through the oneDNN library that MindSpore itself ships (libdnnl.so.2, oneDNN 2.2).
+// 2D convolution and fully connected layers for MindSpore's CPU backend as AOT custom operators (forward, gradient of
+// the input, gradients of the weight and bias), through the oneDNN library that MindSpore itself ships (libdnnl.so.2,
+// oneDNN 2.2). The fully connected layers are at the end of the file.
 //
 // MindSpore's own Conv2D asks oneDNN for a convolution on plain NCHW tensors, which oneDNN runs as an im2col GEMM
 // (`gemm:jit`) at well under half of what the machine's direct kernels reach. Here the primitives are created with
@@ -28,6 +29,7 @@
 #include <mutex>
 #include <thread>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -438,6 +440,83 @@ int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **para
   }
 }
 
+
+// Fully connected layers: y = x W^T + b with W (out, in) as PyTorch keeps it, through oneDNN's matmul (`gemm:jit`:
+// the JIT SGEMM with the bias added in its epilogue). MindSpore's own MatMul is as fast alone but needs a separate
+// BiasAdd pass over the output. x may have any rank: its leading axes are the rows.
+struct Rows {
+  int64_t m, k, n;  // rows, in features, out features
+};
+
+Rows ReadRows(int xdims, const int64_t *x, const int64_t *w) {
+  Rows r{1, x[xdims - 1], w[0]};
+  for (int i = 0; i < xdims - 1; ++i) r.m *= x[i];
+  return r;
+}
+
+// One matmul, created on first use per shape: `a` (rows, depth) times `b` (depth, cols), each plain with the given
+// layout tag (ab: row-major, ba: the transpose of a row-major tensor), plus an optional bias over the columns.
+struct Gemm {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul run;
+};
+
+enum class GemmKind { kForward, kForwardNoBias, kData, kWeights };
+
+Gemm &GetGemm(GemmKind kind, const Rows &r) {
+  static std::map<std::array<int64_t, 4>, Gemm> cache;
+  Gemm &g = cache[{static_cast<int64_t>(kind), r.m, r.k, r.n}];
+  if (g.run) return g;
+  memory::desc a, b, c, bias;
+  switch (kind) {
+    case GemmKind::kForward:  // y (m, n) = x (m, k) W^T (k, n)
+    case GemmKind::kForwardNoBias:
+      a = memory::desc({r.m, r.k}, kF32, Tag::ab);
+      b = memory::desc({r.k, r.n}, kF32, Tag::ba);
+      c = memory::desc({r.m, r.n}, kF32, Tag::ab);
+      if (kind == GemmKind::kForward) bias = memory::desc({1, r.n}, kF32, Tag::ab);
+      break;
+    case GemmKind::kData:  // dx (m, k) = dy (m, n) W (n, k)
+      a = memory::desc({r.m, r.n}, kF32, Tag::ab);
+      b = memory::desc({r.n, r.k}, kF32, Tag::ab);
+      c = memory::desc({r.m, r.k}, kF32, Tag::ab);
+      break;
+    case GemmKind::kWeights:  // dW (n, k) = dy^T (n, m) x (m, k)
+      a = memory::desc({r.n, r.m}, kF32, Tag::ba);
+      b = memory::desc({r.m, r.k}, kF32, Tag::ab);
+      c = memory::desc({r.n, r.k}, kF32, Tag::ab);
+      break;
+  }
+  dnnl::matmul::desc d = kind == GemmKind::kForward ? dnnl::matmul::desc(a, b, bias, c) : dnnl::matmul::desc(a, b, c);
+  g.pd = dnnl::matmul::primitive_desc(d, UserScratchpad(), Rt().engine);
+  g.run = dnnl::matmul(g.pd);
+  return g;
+}
+
+void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
+  Runtime &rt = Rt();
+  Gemm &g = GetGemm(kind, r);
+  Arena arena(Round(g.pd.scratchpad_desc().get_size()));
+  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(g.pd.src_desc(), rt.engine, a)},
+                                       {DNNL_ARG_WEIGHTS, memory(g.pd.weights_desc(), rt.engine, b)},
+                                       {DNNL_ARG_DST, memory(g.pd.dst_desc(), rt.engine, c)},
+                                       {DNNL_ARG_SCRATCHPAD, Workspace(g.pd.scratchpad_desc(), arena)}};
+  if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, memory(g.pd.bias_desc(), rt.engine, bias));
+  g.run.execute(rt.stream, args);
+  rt.stream.wait();
+}
+
+// Runs one matmul entry point under the runtime's lock; any exception becomes a non-zero status.
+int GuardGemm(int nparam, int expected, const std::function<void()> &body) {
+  if (nparam != expected) return 1;
+  try {
+    std::lock_guard<std::mutex> lock(Rt().mutex);
+    body();
+    return 0;
+  } catch (...) {
+    return 2;
+  }
+}
 }  // namespace
 
 // Sets the number of threads the convolutions run on (the machine's cores until called).
@@ -466,4 +545,41 @@ extern "C" int ConvBackwardData(int nparam, void **params, int *ndims, int64_t *
 extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                    void *) {
   return Guard(nparam, 6, BackwardWeights, params, ndims, shapes);
+}
+
+// (x (..., k), weight (n, k), bias (n,)) -> y (..., n)
+extern "C" int LinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return GuardGemm(nparam, 4, [&] {
+    RunGemm(GemmKind::kForward, ReadRows(ndims[0], shapes[0], shapes[1]), params[0], params[1], params[2],
+            params[3]);
+  });
+}
+
+// (x (..., k), weight (n, k)) -> y (..., n)
+extern "C" int LinearForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                   void *) {
+  return GuardGemm(nparam, 3, [&] {
+    RunGemm(GemmKind::kForwardNoBias, ReadRows(ndims[0], shapes[0], shapes[1]), params[0], params[1], nullptr,
+            params[2]);
+  });
+}
+
+// (dy (..., n), weight (n, k)) -> dx (..., k)
+extern "C" int LinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                  void *) {
+  return GuardGemm(nparam, 3, [&] {
+    Rows r = ReadRows(ndims[0], shapes[0], shapes[1]);
+    r.k = shapes[1][1];  // the rows of dy are those of x; its last axis is n
+    RunGemm(GemmKind::kData, r, params[0], params[1], nullptr, params[2]);
+  });
+}
+
+// (x (..., k), dy (..., n)) -> dweight (n, k)
+extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                     void *) {
+  return GuardGemm(nparam, 3, [&] {
+    Rows r = ReadRows(ndims[0], shapes[0], shapes[0]);
+    r.n = shapes[1][ndims[1] - 1];
+    RunGemm(GemmKind::kWeights, r, params[1], params[0], nullptr, params[2]);
+  });
 }
