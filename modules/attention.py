@@ -25,6 +25,7 @@ from modules.layers import (
     SiLU,
     attention,
     default_norm_groups,
+    permuter,
     timestep_embedding,
     zero_module,
 )
@@ -127,6 +128,7 @@ class CrossAttention(nn.Cell):
         self.to_k = Linear(context_dim, inner_dim, bias=False)
         self.to_v = Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), _dropout(dropout)])
+        self.permute = permuter()
 
     def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None:
@@ -143,9 +145,10 @@ class CrossAttention(nn.Cell):
         inner = q.shape[-1]
         if bc != b:
             # (r b') lq inner -> b' (r lq) inner: the query rows that share a context become one longer sequence.
-            out = attention(q.reshape(bc, (b // bc) * lq, inner), k, v, self.heads).reshape(b, lq, inner)
+            out = attention(q.reshape(bc, (b // bc) * lq, inner), k, v, self.heads, self.permute)
+            out = out.reshape(b, lq, inner)
         else:
-            out = attention(q, k, v, self.heads)
+            out = attention(q, k, v, self.heads, self.permute)
         return self.to_out(out)
 
 
@@ -247,6 +250,7 @@ class SpatialTransformer(nn.Cell):
             for d in range(depth)
         ])  # fmt: skip
         self.proj_out = zero_module(Linear(inner_dim, in_channels) if use_linear else Conv2d(inner_dim, in_channels, 1))
+        self.permute = permuter()
         if use_checkpoint:
             self.recompute()
 
@@ -256,7 +260,7 @@ class SpatialTransformer(nn.Cell):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.transpose(0, 2, 3, 1).reshape(b, h * w, -1)
+        x = self.permute(x, (0, 2, 3, 1)).reshape(b, h * w, -1)
         if self.use_linear:
             x = self.proj_in(x)
         return x
@@ -265,7 +269,7 @@ class SpatialTransformer(nn.Cell):
         """b (h w) c' -> b c h w, projected out."""
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.reshape(x.shape[0], h, w, -1).transpose(0, 3, 1, 2)
+        x = self.permute(x.reshape(x.shape[0], h, w, -1), (0, 3, 1, 2))
         if not self.use_linear:
             x = self.proj_out(x)
         return x
@@ -319,6 +323,7 @@ class VideoTransformerBlock(nn.Cell):
         self.norm1 = LayerNorm(inner_dim)
         self.norm3 = LayerNorm(inner_dim)
         self._chunk_size = None
+        self.permute = permuter()
         if checkpoint:
             self.recompute()
 
@@ -330,7 +335,7 @@ class VideoTransformerBlock(nn.Cell):
         t = self.timesteps if self.timesteps is not None else num_frames
         bt, s, c = x.shape
         b = bt // t
-        x = x.reshape(b, t, s, c).transpose(0, 2, 1, 3).reshape(b * s, t, c)
+        x = self.permute(x.reshape(b, t, s, c), (0, 2, 1, 3)).reshape(b * s, t, c)
         if self.use_ff_in:
             x_skip = x
             x = chunked_feed_forward(self.ff_in, self.norm_in(x), 1, self._chunk_size)
@@ -344,7 +349,7 @@ class VideoTransformerBlock(nn.Cell):
         if self.is_res:
             x = x + x_skip
         c_out = x.shape[-1]
-        return x.reshape(b, s, t, c_out).transpose(0, 2, 1, 3).reshape(bt, s, c_out)
+        return self.permute(x.reshape(b, s, t, c_out), (0, 2, 1, 3)).reshape(bt, s, c_out)
 
 
 class SpatialVideoTransformer(SpatialTransformer):

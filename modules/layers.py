@@ -342,8 +342,35 @@ class TemporalConv(nn.Cell):
         return y.reshape(b, self.out_channels, t, h, w)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """Multi-head softmax attention. q: (B, Lq, H*D), k and v: (B, Lk, H*D) -> (B, Lq, H*D).
+class _Transpose(nn.Cell):
+    """`x.transpose(perm)`: MindSpore's Transpose, a copy at memory speed in a graph."""
+
+    def construct(self, x, perm):
+        return x.transpose(perm)
+
+
+class _PermuteKernel(nn.Cell):
+    """`x.transpose(perm)` as a new contiguous tensor from the compiled kernel (PyNative only, see `permuter`)."""
+
+    def construct(self, x, perm):
+        return kernels.permute(x, perm)
+
+
+def permuter() -> nn.Cell:
+    """A cell `p(x, perm)` that permutes x's axes: in PyNative mode through the compiled kernel where it builds
+    (MindSpore's transpose there is a view whose copy into a contiguous tensor is about 10x slower), else through
+    MindSpore's Transpose. Chosen when the cell is built, so build networks after setting the mode."""
+    return _PermuteKernel() if kernels.permute_enabled() else _Transpose()
+
+
+def _swap_middle(x: Tensor, permute) -> Tensor:
+    """(A, B, C, D) -> (A, C, B, D)."""
+    return x.transpose(0, 2, 1, 3) if permute is None else permute(x, (0, 2, 1, 3))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute=None) -> Tensor:
+    """Multi-head softmax attention. q: (B, Lq, H*D), k and v: (B, Lk, H*D) -> (B, Lq, H*D); `permute` is a
+    `permuter()` cell for the heads' transposes (MindSpore's transpose without one).
 
     Scores and softmax are computed in float32.
     """
@@ -351,13 +378,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     lk = k.shape[1]
     d = inner // heads
     dtype = q.dtype
-    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3) * (d**-0.5)
-    k = k.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
-    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    q = _swap_middle(q.reshape(b, lq, heads, d), permute) * (d**-0.5)
+    k = _swap_middle(k.reshape(b, lk, heads, d), permute)
+    v = _swap_middle(v.reshape(b, lk, heads, d), permute)
     scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(ms.float32)
     probs = ops.softmax(scores, axis=-1).astype(dtype)
     out = ops.BatchMatMul()(probs, v)
-    return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+    return _swap_middle(out, permute).reshape(b, lq, inner)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

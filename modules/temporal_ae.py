@@ -17,7 +17,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Constant, initializer
 
 from modules.autoencoder import Decoder, ResnetBlock
-from modules.layers import Conv2d, TemporalConv
+from modules.layers import Conv2d, TemporalConv, permuter
 from modules.unet import ResBlock
 
 __all__ = ["VideoResBlock", "AE3DConv", "VideoDecoder"]
@@ -69,13 +69,14 @@ class VideoResBlock(ResnetBlock):
         )
         self.learned_alpha = merge_strategy == "learned"
         self.mix_factor = _mix_factor(alpha, merge_strategy)
+        self.permute = permuter()
 
     def construct(self, x: Tensor, temb: Tensor | None = None, timesteps: int | None = None) -> Tensor:
         x = super().construct(x, temb)
         bt, c, h, w = x.shape
         t = bt if timesteps is None else timesteps
-        x_t = self.time_stack(x.reshape(bt // t, t, c, h, w).transpose(0, 2, 1, 3, 4), None)
-        x_t = x_t.transpose(0, 2, 1, 3, 4).reshape(bt, c, h, w)
+        x_t = self.time_stack(self.permute(x.reshape(bt // t, t, c, h, w), (0, 2, 1, 3, 4)), None)
+        x_t = self.permute(x_t, (0, 2, 1, 3, 4)).reshape(bt, c, h, w)
         alpha = ops.sigmoid(self.mix_factor) if self.learned_alpha else self.mix_factor
         alpha = alpha.astype(x.dtype)
         return alpha * x_t + (1.0 - alpha) * x
@@ -94,13 +95,14 @@ class AE3DConv(Conv2d):
     ):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding)
         self.time_mix_conv = TemporalConv(out_channels, out_channels, _temporal_kernel(video_kernel_size))
+        self.permute = permuter()
 
     def construct(self, x: Tensor, timesteps: int | None = None) -> Tensor:
         x = super().construct(x)
         bt, c, h, w = x.shape
         t = bt if timesteps is None else timesteps
-        x = self.time_mix_conv(x.reshape(bt // t, t, c, h, w).transpose(0, 2, 1, 3, 4))
-        return x.transpose(0, 2, 1, 3, 4).reshape(bt, c, h, w)
+        x = self.time_mix_conv(self.permute(x.reshape(bt // t, t, c, h, w), (0, 2, 1, 3, 4)))
+        return self.permute(x, (0, 2, 1, 3, 4)).reshape(bt, c, h, w)
 
 
 class VideoDecoder(Decoder):

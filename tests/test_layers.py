@@ -325,3 +325,39 @@ def test_linear_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
             dx, grads = ms.grad(loss, 0, cell.trainable_params())(inp)
             for ours, ref in zip([dx, *grads], [xt.grad] + [p.grad for p in params]):
                 np.testing.assert_allclose(ours.asnumpy().astype(np.float64), ref.numpy(), rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
+def test_permute_kernel_matches_numpy_with_its_gradient():
+    """The compiled permutation against numpy on the patterns the networks use (heads, tokens, frames: whole rows)
+    and on ones that transpose the innermost axis or hold axes of size one, in float32 and float16; its gradient
+    is the inverse permutation. `permuter` picks the kernel in PyNative and MindSpore's Transpose in a graph."""
+    from modules.layers import _PermuteKernel, _Transpose, permuter
+
+    ms.set_context(mode=1)
+    assert isinstance(permuter(), _PermuteKernel)
+    rng = np.random.default_rng(8)
+    cases = [
+        ((3, 40, 5, 8), (0, 2, 1, 3)),
+        ((2, 6, 33, 35), (0, 2, 3, 1)),
+        ((2, 33, 35, 6), (0, 3, 1, 2)),
+        ((2, 5, 6, 4, 3), (0, 2, 1, 3, 4)),
+        ((3, 1, 4, 1, 5), (4, 2, 0, 3, 1)),
+        ((70, 90), (1, 0)),
+        ((7,), (0,)),
+    ]
+    for shape, perm in cases:
+        for dtype in (np.float32, np.float16):
+            x = rng.standard_normal(shape).astype(dtype)
+            y = kernels.permute(Tensor(x), perm).asnumpy()
+            assert y.dtype == dtype and np.array_equal(y, np.transpose(x, perm)), (shape, perm)
+        w = rng.standard_normal(np.transpose(x, perm).shape).astype(np.float32)
+        weights = Tensor(w)
+
+        def loss(t, perm=perm, weights=weights):
+            return (kernels.permute(t, perm) * weights).sum()
+
+        grad = ms.grad(loss)(Tensor(x.astype(np.float32)))
+        np.testing.assert_array_equal(grad.asnumpy(), np.transpose(w, np.argsort(perm)))
+    ms.set_context(mode=0)
+    assert isinstance(permuter(), _Transpose)

@@ -10,6 +10,8 @@
   blocked direct and Winograd convolutions, and its matmul with the bias added in the GEMM's epilogue, on inputs of
   any rank as they are (MindSpore's MatMul is as fast alone, but a Linear also needs a BiasAdd pass over the output
   and, in a graph, reshapes that copy).
+- Axis permutations in PyNative mode (`permute.cc`): MindSpore's transpose there is a strided view whose copy into
+  a contiguous tensor runs at about 0.5 GB/s; the kernel writes the permuted tensor directly.
 
 The sources are built with g++ at first use into one library in a cache folder (`$XDG_CACHE_HOME/svd_mindspore`,
 else `~/.cache/svd_mindspore`), once per source, compiler flags and CPU, and loaded as MindSpore AOT custom
@@ -44,11 +46,13 @@ __all__ = [
     "library",
     "linear_op",
     "onednn_library",
+    "permute",
+    "permute_enabled",
     "release_conv_memory",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc")]
+SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc", "permute.cc")]
 ONEDNN_SOURCE = os.path.join(_HERE, "onednn.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -211,6 +215,35 @@ def geglu_op():
         return _half_last(p)
 
     return ops.Custom(f"{lib}:GegluForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+
+
+def permute_enabled() -> bool:
+    """Whether `permute` is used: in PyNative mode with the compiled kernels, unless SVD_PERMUTE_KERNEL=0 (in a
+    graph MindSpore's Transpose is a real copy at memory speed)."""
+    return os.environ.get("SVD_PERMUTE_KERNEL", "1") != "0" and ms.get_context("mode") == ms.PYNATIVE_MODE and enabled()
+
+
+@functools.cache
+def _permute_op(perm: tuple[int, ...]):
+    lib = library()
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+    def out_shape(x, _):
+        return [x[p] for p in perm]
+
+    def bprop(x, p, out, dout):
+        return permute(dout, inverse), ops.zeros_like(p)
+
+    op = ops.Custom(f"{lib}:PermuteAxes", out_shape, _like_first, func_type="aot", bprop=bprop)
+    op.add_prim_attr("perm", perm)  # PyNative caches shape inference by the primitive's attributes (see conv2d_op)
+    return op, ms.Tensor(list(perm), ms.int64)
+
+
+def permute(x, perm):
+    """`x.transpose(perm)` written into a new contiguous tensor by the compiled kernel, with its gradient; for
+    PyNative mode where `permute_enabled()`."""
+    op, axes = _permute_op(tuple(int(p) for p in perm))
+    return op(x, axes)
 
 
 def group_norm_op(groups: int, silu: bool):
