@@ -128,7 +128,7 @@ class CrossAttention(nn.Cell):
         self.to_k = Linear(context_dim, inner_dim, bias=False)
         self.to_v = Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), _dropout(dropout)])
-        self.permute = permuter()
+        self.permute = permuter((0, 2, 1, 3))
 
     def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None:
@@ -250,7 +250,8 @@ class SpatialTransformer(nn.Cell):
             for d in range(depth)
         ])  # fmt: skip
         self.proj_out = zero_module(Linear(inner_dim, in_channels) if use_linear else Conv2d(inner_dim, in_channels, 1))
-        self.permute = permuter()
+        self.to_channels_last = permuter((0, 2, 3, 1))
+        self.to_channels_first = permuter((0, 3, 1, 2))
         if use_checkpoint:
             self.recompute()
 
@@ -260,7 +261,7 @@ class SpatialTransformer(nn.Cell):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = self.permute(x, (0, 2, 3, 1)).reshape(b, h * w, -1)
+        x = self.to_channels_last(x).reshape(b, h * w, -1)
         if self.use_linear:
             x = self.proj_in(x)
         return x
@@ -269,7 +270,7 @@ class SpatialTransformer(nn.Cell):
         """b (h w) c' -> b c h w, projected out."""
         if self.use_linear:
             x = self.proj_out(x)
-        x = self.permute(x.reshape(x.shape[0], h, w, -1), (0, 3, 1, 2))
+        x = self.to_channels_first(x.reshape(x.shape[0], h, w, -1))
         if not self.use_linear:
             x = self.proj_out(x)
         return x
@@ -323,7 +324,7 @@ class VideoTransformerBlock(nn.Cell):
         self.norm1 = LayerNorm(inner_dim)
         self.norm3 = LayerNorm(inner_dim)
         self._chunk_size = None
-        self.permute = permuter()
+        self.swap_frames = permuter((0, 2, 1, 3))
         if checkpoint:
             self.recompute()
 
@@ -335,7 +336,7 @@ class VideoTransformerBlock(nn.Cell):
         t = self.timesteps if self.timesteps is not None else num_frames
         bt, s, c = x.shape
         b = bt // t
-        x = self.permute(x.reshape(b, t, s, c), (0, 2, 1, 3)).reshape(b * s, t, c)
+        x = self.swap_frames(x.reshape(b, t, s, c)).reshape(b * s, t, c)
         if self.use_ff_in:
             x_skip = x
             x = chunked_feed_forward(self.ff_in, self.norm_in(x), 1, self._chunk_size)
@@ -349,7 +350,7 @@ class VideoTransformerBlock(nn.Cell):
         if self.is_res:
             x = x + x_skip
         c_out = x.shape[-1]
-        return self.permute(x.reshape(b, s, t, c_out), (0, 2, 1, 3)).reshape(bt, s, c_out)
+        return self.swap_frames(x.reshape(b, s, t, c_out)).reshape(bt, s, c_out)
 
 
 class SpatialVideoTransformer(SpatialTransformer):

@@ -69,14 +69,14 @@ class VideoResBlock(ResnetBlock):
         )
         self.learned_alpha = merge_strategy == "learned"
         self.mix_factor = _mix_factor(alpha, merge_strategy)
-        self.permute = permuter()
+        self.swap_frames = permuter((0, 2, 1, 3, 4))
 
     def construct(self, x: Tensor, temb: Tensor | None = None, timesteps: int | None = None) -> Tensor:
         x = super().construct(x, temb)
         bt, c, h, w = x.shape
         t = bt if timesteps is None else timesteps
-        x_t = self.time_stack(self.permute(x.reshape(bt // t, t, c, h, w), (0, 2, 1, 3, 4)), None)
-        x_t = self.permute(x_t, (0, 2, 1, 3, 4)).reshape(bt, c, h, w)
+        x_t = self.time_stack(self.swap_frames(x.reshape(bt // t, t, c, h, w)), None)
+        x_t = self.swap_frames(x_t).reshape(bt, c, h, w)
         alpha = ops.sigmoid(self.mix_factor) if self.learned_alpha else self.mix_factor
         alpha = alpha.astype(x.dtype)
         return alpha * x_t + (1.0 - alpha) * x
@@ -95,14 +95,14 @@ class AE3DConv(Conv2d):
     ):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding)
         self.time_mix_conv = TemporalConv(out_channels, out_channels, _temporal_kernel(video_kernel_size))
-        self.permute = permuter()
+        self.swap_frames = permuter((0, 2, 1, 3, 4))
 
     def construct(self, x: Tensor, timesteps: int | None = None) -> Tensor:
         x = super().construct(x)
         bt, c, h, w = x.shape
         t = bt if timesteps is None else timesteps
-        x = self.time_mix_conv(self.permute(x.reshape(bt // t, t, c, h, w), (0, 2, 1, 3, 4)))
-        return self.permute(x, (0, 2, 1, 3, 4)).reshape(bt, c, h, w)
+        x = self.time_mix_conv(self.swap_frames(x.reshape(bt // t, t, c, h, w)))
+        return self.swap_frames(x).reshape(bt, c, h, w)
 
 
 class VideoDecoder(Decoder):

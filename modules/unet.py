@@ -212,7 +212,7 @@ class VideoResBlock(ResBlock):
             exchange_temb_dims=True,
         )  # fmt: skip
         self.time_mixer = AlphaBlender(alpha=merge_factor, merge_strategy=merge_strategy)
-        self.permute = permuter()
+        self.swap_frames = permuter((0, 2, 1, 3, 4))
         if use_checkpoint:
             self.recompute()
 
@@ -222,9 +222,9 @@ class VideoResBlock(ResBlock):
         x = super().construct(x, emb)
         bt, c, h, w = x.shape
         b = bt // num_frames
-        x_t = self.permute(x.reshape(b, num_frames, c, h, w), (0, 2, 1, 3, 4))  # b c t h w
+        x_t = self.swap_frames(x.reshape(b, num_frames, c, h, w))  # b c t h w
         x_t = self.time_stack(x_t, emb.reshape(b, num_frames, -1))
-        x_t = self.permute(x_t, (0, 2, 1, 3, 4)).reshape(bt, c, h, w)
+        x_t = self.swap_frames(x_t).reshape(bt, c, h, w)
         # Blending in the (b t) layout is the same as in sgm's b c t layout and saves a transpose.
         return self.time_mixer(x, x_t, image_only_indicator)
 

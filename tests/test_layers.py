@@ -328,14 +328,14 @@ def test_linear_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
-def test_permute_kernel_matches_numpy_with_its_gradient():
+def test_permute_kernel_matches_numpy_with_its_gradient(monkeypatch):
     """The compiled permutation against numpy on the patterns the networks use (heads, tokens, frames: whole rows)
     and on ones that transpose the innermost axis or hold axes of size one, in float32 and float16; its gradient
-    is the inverse permutation. `permuter` picks the kernel in PyNative and MindSpore's Transpose in a graph."""
+    is the inverse permutation, also in a graph; SVD_PERMUTE_KERNEL=0 gives MindSpore's Transpose."""
     from modules.layers import _PermuteKernel, _Transpose, permuter
 
     ms.set_context(mode=1)
-    assert isinstance(permuter(), _PermuteKernel)
+    assert isinstance(permuter((1, 0)), _PermuteKernel)
     rng = np.random.default_rng(8)
     cases = [
         ((3, 40, 5, 8), (0, 2, 1, 3)),
@@ -360,4 +360,12 @@ def test_permute_kernel_matches_numpy_with_its_gradient():
         grad = ms.grad(loss)(Tensor(x.astype(np.float32)))
         np.testing.assert_array_equal(grad.asnumpy(), np.transpose(w, np.argsort(perm)))
     ms.set_context(mode=0)
-    assert isinstance(permuter(), _Transpose)
+    cell = permuter((0, 2, 3, 1))
+    assert isinstance(cell, _PermuteKernel)
+    x = rng.standard_normal((3, 40, 5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(cell(Tensor(x)).asnumpy(), np.transpose(x, (0, 2, 3, 1)))
+    w = rng.standard_normal((3, 5, 8, 40)).astype(np.float32)
+    grad = ms.grad(_WeightedSum(cell, Tensor(w)))(Tensor(x))
+    np.testing.assert_array_equal(grad.asnumpy(), np.transpose(w, (0, 3, 1, 2)))
+    monkeypatch.setenv("SVD_PERMUTE_KERNEL", "0")
+    assert isinstance(permuter((1, 0)), _Transpose)
