@@ -138,7 +138,8 @@ class CrossAttention(nn.Cell):
         if context.shape[1] == 1:
             # One key: its softmax weight is exactly 1, so every query gets v. SVD's image context is one token.
             out = self.to_out(self.to_v(context))  # bc 1 c
-            return ops.broadcast_to(out, (bc, (b // bc) * lq, out.shape[-1])).reshape(b, lq, -1)
+            # tile, not broadcast_to: in PyNative a broadcast view goes through a slow strided copy when materialised
+            return ops.tile(out, (1, (b // bc) * lq, 1)).reshape(b, lq, -1)
         q = self.to_q(x)
         k = self.to_k(context)
         v = self.to_v(context)
@@ -415,7 +416,7 @@ class SpatialVideoTransformer(SpatialTransformer):
         frames = ops.arange(0, num_frames, dtype=ms.float32)
         t_emb = timestep_embedding(frames, self.in_channels, max_period=self.max_time_embed_period)
         emb = self.time_pos_embed(t_emb.astype(x.dtype))
-        emb = ops.broadcast_to(emb.reshape(1, num_frames, 1, -1), (b, num_frames, h * w, emb.shape[-1]))
+        emb = ops.tile(emb.reshape(1, num_frames, 1, -1), (b, 1, h * w, 1))  # tile: see CrossAttention
         emb = emb.reshape(x.shape)  # (b t) (h w) c, explicit (see layers.GroupNorm on broadcasting arithmetic)
 
         for i in range(self.depth):

@@ -422,6 +422,6 @@ def zero_module(cell: nn.Cell) -> nn.Cell:
 def upsample_nearest2x(x: Tensor) -> Tensor:
     """Nearest-neighbour 2x upsampling of (N, C, H, W)."""
     n, c, h, w = x.shape
-    x = x.reshape(n, c, h, 1, w, 1)
-    x = ops.broadcast_to(x, (n, c, h, 2, w, 2))
+    # tile, not broadcast_to: in PyNative a broadcast view goes through a slow strided copy when materialised
+    x = ops.tile(x.reshape(n, c, h, 1, w, 1), (1, 1, 1, 2, 1, 2))
     return x.reshape(n, c, h * 2, w * 2)
