@@ -372,14 +372,9 @@ def permuter(perm: tuple[int, ...]) -> nn.Cell:
     return _PermuteKernel(perm) if kernels.permute_enabled() else _Transpose(perm)
 
 
-def _swap_middle(x: Tensor, permute) -> Tensor:
-    """(A, B, C, D) -> (A, C, B, D), through `permute` if given."""
-    return x.transpose(0, 2, 1, 3) if permute is None else permute(x)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute=None) -> Tensor:
-    """Multi-head softmax attention. q: (B, Lq, H*D), k and v: (B, Lk, H*D) -> (B, Lq, H*D); `permute` is a
-    `permuter((0, 2, 1, 3))` cell for the heads' transposes (MindSpore's transpose without one).
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute: nn.Cell) -> Tensor:
+    """Multi-head softmax attention. q: (B, Lq, H*D), k and v: (B, Lk, H*D) -> (B, Lq, H*D); `permute` is the
+    caller's `permuter((0, 2, 1, 3))` cell, which moves the heads in front of the sequence and back.
 
     Scores and softmax are computed in float32.
     """
@@ -387,13 +382,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute=None) -> Tens
     lk = k.shape[1]
     d = inner // heads
     dtype = q.dtype
-    q = _swap_middle(q.reshape(b, lq, heads, d), permute) * (d**-0.5)
-    k = _swap_middle(k.reshape(b, lk, heads, d), permute)
-    v = _swap_middle(v.reshape(b, lk, heads, d), permute)
+    q = permute(q.reshape(b, lq, heads, d)) * (d**-0.5)
+    k = permute(k.reshape(b, lk, heads, d))
+    v = permute(v.reshape(b, lk, heads, d))
     scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(ms.float32)
     probs = ops.softmax(scores, axis=-1).astype(dtype)
     out = ops.BatchMatMul()(probs, v)
-    return _swap_middle(out, permute).reshape(b, lq, inner)
+    return permute(out).reshape(b, lq, inner)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

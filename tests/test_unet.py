@@ -205,7 +205,7 @@ def test_cross_attention_shared_and_single_token_context():
     for tokens in (3, 1):  # 1 token takes the shortcut
         context = _randn(rng, 2, tokens, 8)
         repeated = Tensor(np.repeat(context.asnumpy(), 3, axis=0))
-        full = attn.to_out(attention(attn.to_q(x), attn.to_k(repeated), attn.to_v(repeated), 2)).asnumpy()
+        full = attn.to_out(attention(attn.to_q(x), attn.to_k(repeated), attn.to_v(repeated), 2, attn.permute)).asnumpy()
         np.testing.assert_allclose(attn(x, context).asnumpy(), full, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(attn(x, repeated).asnumpy(), full, rtol=1e-5, atol=1e-6)
 

@@ -382,6 +382,13 @@ def linear_op(bias: bool):
     if lib is None:
         return None
     _set_threads(lib, _threads())
+    return _linear_ops(lib, bias)
+
+
+@functools.cache
+def _linear_ops(lib: str, bias: bool):
+    """The operator of `linear_op`, one per library and kind: its output shape follows from the inputs' alone, so
+    every layer can share it."""
 
     def out_shape(x, weight, *_):
         return list(x[:-1]) + [weight[0]]

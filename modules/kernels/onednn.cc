@@ -424,15 +424,15 @@ void BackwardWeights(Geometry g, void **params) {
   Return(dw, plain.weight, params[4]);
 }
 
-// Runs `body` on the call's geometry, one call at a time, waiting for the stream; any exception (a shape oneDNN
-// rejects, memory exhausted) becomes a non-zero status.
-int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **params, int *ndims, int64_t **shapes) {
+// Runs `body` one call at a time (the caches and the scratch buffer are shared) and waits for the stream. The status
+// is 1 for a wrong number of parameters, `body`'s own when non-zero, and 2 for any exception (a shape oneDNN
+// rejects, memory exhausted).
+int Locked(int nparam, int expected, const std::function<int()> &body) {
   if (nparam != expected) return 1;
   try {
     Runtime &rt = Rt();
     std::lock_guard<std::mutex> lock(rt.mutex);
-    if ((ndims[0] != 4 && ndims[0] != 5) || ndims[1] != ndims[0]) return 1;
-    body(Read(params, ndims, shapes), params);
+    if (const int status = body()) return status;
     rt.stream.wait();
     return 0;
   } catch (...) {
@@ -440,6 +440,14 @@ int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **para
   }
 }
 
+// A convolution entry point: `body` on the call's geometry.
+int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **params, int *ndims, int64_t **shapes) {
+  return Locked(nparam, expected, [&] {
+    if ((ndims[0] != 4 && ndims[0] != 5) || ndims[1] != ndims[0]) return 1;
+    body(Read(params, ndims, shapes), params);
+    return 0;
+  });
+}
 
 // Fully connected layers: y = x W^T + b with W (out, in) as PyTorch keeps it, through oneDNN's matmul (`gemm:jit`:
 // the JIT SGEMM with the bias added in its epilogue). MindSpore's own MatMul is as fast alone but needs a separate
@@ -448,8 +456,9 @@ struct Rows {
   int64_t m, k, n;  // rows, in features, out features
 };
 
-Rows ReadRows(int xdims, const int64_t *x, const int64_t *w) {
-  Rows r{1, x[xdims - 1], w[0]};
+// The rows and last axis of x (..., k), with n out features.
+Rows ReadRows(int xdims, const int64_t *x, int64_t n) {
+  Rows r{1, x[xdims - 1], n};
   for (int i = 0; i < xdims - 1; ++i) r.m *= x[i];
   return r;
 }
@@ -503,19 +512,6 @@ void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c
                                        {DNNL_ARG_SCRATCHPAD, Workspace(g.pd.scratchpad_desc(), arena)}};
   if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, memory(g.pd.bias_desc(), rt.engine, bias));
   g.run.execute(rt.stream, args);
-  rt.stream.wait();
-}
-
-// Runs one matmul entry point under the runtime's lock; any exception becomes a non-zero status.
-int GuardGemm(int nparam, int expected, const std::function<void()> &body) {
-  if (nparam != expected) return 1;
-  try {
-    std::lock_guard<std::mutex> lock(Rt().mutex);
-    body();
-    return 0;
-  } catch (...) {
-    return 2;
-  }
 }
 }  // namespace
 
@@ -549,37 +545,40 @@ extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_
 
 // (x (..., k), weight (n, k), bias (n,)) -> y (..., n)
 extern "C" int LinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  return GuardGemm(nparam, 4, [&] {
-    RunGemm(GemmKind::kForward, ReadRows(ndims[0], shapes[0], shapes[1]), params[0], params[1], params[2],
+  return Locked(nparam, 4, [&] {
+    RunGemm(GemmKind::kForward, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], params[2],
             params[3]);
+    return 0;
   });
 }
 
 // (x (..., k), weight (n, k)) -> y (..., n)
 extern "C" int LinearForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                    void *) {
-  return GuardGemm(nparam, 3, [&] {
-    RunGemm(GemmKind::kForwardNoBias, ReadRows(ndims[0], shapes[0], shapes[1]), params[0], params[1], nullptr,
+  return Locked(nparam, 3, [&] {
+    RunGemm(GemmKind::kForwardNoBias, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], nullptr,
             params[2]);
+    return 0;
   });
 }
 
 // (dy (..., n), weight (n, k)) -> dx (..., k)
 extern "C" int LinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                   void *) {
-  return GuardGemm(nparam, 3, [&] {
-    Rows r = ReadRows(ndims[0], shapes[0], shapes[1]);
+  return Locked(nparam, 3, [&] {
+    Rows r = ReadRows(ndims[0], shapes[0], shapes[1][0]);
     r.k = shapes[1][1];  // the rows of dy are those of x; its last axis is n
     RunGemm(GemmKind::kData, r, params[0], params[1], nullptr, params[2]);
+    return 0;
   });
 }
 
 // (x (..., k), dy (..., n)) -> dweight (n, k)
 extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                      void *) {
-  return GuardGemm(nparam, 3, [&] {
-    Rows r = ReadRows(ndims[0], shapes[0], shapes[0]);
-    r.n = shapes[1][ndims[1] - 1];
-    RunGemm(GemmKind::kWeights, r, params[1], params[0], nullptr, params[2]);
+  return Locked(nparam, 3, [&] {
+    RunGemm(GemmKind::kWeights, ReadRows(ndims[0], shapes[0], shapes[1][ndims[1] - 1]), params[1], params[0],
+            nullptr, params[2]);
+    return 0;
   });
 }

@@ -18,8 +18,7 @@ constexpr int kMaxDims = 8;
 constexpr int64_t kParallelMin = 1 << 20;  // values; as in gelu.cc
 constexpr int64_t kTile = 32;
 
-int ElementSize(const char *dtype) {
-  const char *t = dtype;
+int ElementSize(const char *t) {
   if (std::strcmp(t, "bool") == 0 || std::strcmp(t, "int8") == 0 || std::strcmp(t, "uint8") == 0) return 1;
   if (std::strstr(t, "16") != nullptr) return 2;
   if (std::strstr(t, "32") != nullptr) return 4;
