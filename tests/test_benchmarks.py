@@ -64,3 +64,33 @@ def test_a_side_that_fails_fails_the_benchmark_in_both_ways(tmp_path):
         out = _bench(tmp_path, "--runs", "2", *extra, fail="ref")
         assert out.returncode == 1 and "error: the ref side failed" in out.stderr
         assert "cannot build ref" in out.stderr
+
+
+def test_profile_sorts_our_operators_into_kinds():
+    from benchmarks import profile_unet
+
+    assert profile_unet._our_kind("Custom", ["a-VideoUNet", "conv-_Conv", "Custom-op3"]) == "convolution"
+    assert profile_unet._our_kind("Custom", ["proj-Linear", "Custom-op4"]) == "fully connected"
+    assert profile_unet._our_kind("Custom", ["0-GEGLU", "Custom-op5"]) == "elementwise"
+    assert profile_unet._our_kind("BatchMatMul", ["attn1-CrossAttention", "BatchMatMul-op1"]) == "attention"
+    assert profile_unet._ref_kind("aten::mkldnn_convolution") == "convolution"
+    assert profile_unet._ref_kind("aten::addmm") == "fully connected"
+    assert profile_unet._ref_kind("aten::copy_") == "permutation and copies"
+
+
+def test_profile_of_the_tiny_unet_accounts_for_every_operator():
+    from benchmarks.profile_unet import KINDS
+
+    root = pathlib.Path(__file__).parents[1]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/profile_unet.py", "--side=ours", "--threads=1"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    total_ms = float(next(x for x in lines if "operator time" in x).split("operator time")[1].split()[0]) * 1e3
+    kinds = {x.split(" ms")[0].rsplit(maxsplit=1)[0].strip(): float(x.split(" ms")[0].rsplit(maxsplit=1)[1])
+             for x in lines if x.startswith("  ") and "%" in x}  # fmt: skip
+    assert set(kinds) == {*KINDS, "other"}
+    assert kinds["convolution"] > 0 and kinds["fully connected"] > 0 and kinds["attention"] > 0
+    assert abs(sum(kinds.values()) - total_ms) <= 0.01 * total_ms + 1.0
