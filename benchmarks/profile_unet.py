@@ -147,7 +147,7 @@ def main() -> int:
     kinds, layers = (ours if args.side == "ours" else ref)(case)
     total = sum(v[0] for v in kinds.values())
     print(f"{args.side}: {case.config}, 2 x {case.frames} frames of {case.height}x{case.width}; operator time "
-          f"{total / 1e3:.2f} s")  # fmt: skip
+          f"{total / 1e3:.3f} s")  # fmt: skip
     for kind in (*KINDS, "other"):
         ms_, calls = kinds.get(kind, (0.0, 0))
         print(f"  {kind:24s} {ms_:9.1f} ms {100 * ms_ / max(total, 1e-9):5.1f} %  {int(calls):5d} calls")
