@@ -153,6 +153,21 @@ def peak_rss_mb() -> float | None:
     return None
 
 
+def log_memory(what: str) -> None:
+    """One line on stderr with the process's resident and peak resident size (Linux), for a side that may be killed
+    for memory: the harness shows the end of a failed side's stderr."""
+    sizes = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    sizes[line[:5]] = int(line.split()[1]) / 2**20
+    except OSError:
+        return
+    sys.stderr.write(f"memory {what}: {sizes.get('VmRSS', 0):.2f} GiB resident, peak {sizes.get('VmHWM', 0):.2f} GiB\n")
+    sys.stderr.flush()
+
+
 def torch_matmul_gflops(n: int = 2048, runs: int = 5) -> float:
     import torch
 
