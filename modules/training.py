@@ -412,13 +412,17 @@ class DiffusionLoss(nn.Cell):
 _adamw = ops.MultitypeFuncGraph("adamw")
 
 
-@_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Tensor", "Tensor",
-                 "Tensor", "Tensor")  # fmt: skip
-def _adamw_update(opt, b1, b2, eps, lr, wd, ok, decay, param, m, v, g):
-    """One parameter's AdamW step with MindSpore's fused kernel, nothing changed unless `ok`: a zero gradient with
-    betas of 1 and a learning rate of 0 leaves the parameter and both moments as they are."""
-    g = ops.where(ok, g, ops.zeros_like(g)).astype(param.dtype)
-    return opt(param, m, v, lr, b1, b2, eps, wd if decay else ops.zeros_like(wd), g)
+@_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Bool", "Tensor",
+                 "Tensor", "Tensor", "Tensor")  # fmt: skip
+def _adamw_update(opt, factor, b1, b2, eps, lr, wd, guard, decay, param, m, v, g):
+    """One parameter's AdamW step with MindSpore's fused in-place kernel on the gradient times `factor` (unscaling
+    and clipping); that product is the only temporary, one parameter's size. With `guard`, infinities and NaNs
+    become zeros, so that a skipped step (betas of 1, a learning rate of 0) leaves the parameter and both moments
+    exactly as they are: `where` would broadcast its condition and its zero to the parameter's shape."""
+    g = g.astype(param.dtype) * factor.astype(param.dtype)
+    if guard:
+        g = ops.nan_to_num(g, 0.0, 0.0, 0.0)
+    return opt(param, m, v, lr, b1, b2, eps, wd if decay else wd * 0, g)
 
 
 _ema = ops.MultitypeFuncGraph("ema")
@@ -429,20 +433,41 @@ def _ema_update(rate, ema, param):
     return ops.assign_add(ema, rate * (param.astype(ema.dtype) - ema))
 
 
-_scale = ops.MultitypeFuncGraph("scale")
-
-
-@_scale.register("Tensor", "Tensor")
-def _scale_grad(factor, g):
-    return g.astype(ms.float32) * factor
-
-
 _sq = ops.MultitypeFuncGraph("sq")
 
 
 @_sq.register("Tensor")
 def _sum_sq(g):
-    return ops.square(g.astype(ms.float32)).sum()
+    """The squared L2 norm, from the norm kernel: a reduction without a squared copy of the gradient."""
+    n = ops.norm(g.astype(ms.float32))
+    return n * n
+
+
+_after = ops.MultitypeFuncGraph("after")
+
+
+@_after.register("Tensor", "Tensor")
+def _after_tensor(done, x):
+    return ops.depend(x, done)
+
+
+@_after.register("Tuple", "Tensor")
+def _after_tuple(done, x):
+    return ops.depend(x, done)
+
+
+def update_groups(sizes: list[int], limit: int = 1 << 25) -> tuple[tuple[int, int], ...]:
+    """Consecutive (start, end) ranges of parameters, each holding at most `limit` values unless one parameter alone
+    is larger. The update runs them one after the other, so that its temporaries never exceed one group."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        groups.append((start, len(sizes)))
+    return tuple(groups)
 
 
 class Updater(nn.Cell):
@@ -451,6 +476,10 @@ class Updater(nn.Cell):
 
     State: AdamW moments `adam_m.*`/`adam_v.*`, `optimizer_step` (successful updates), `loss_scale`,
     `loss_scale_good_steps`, and the EMA weights `ema.*` when asked.
+
+    Memory: besides the moments, the update needs one group of `group_values` values for its temporaries (128 MB
+    in float32 by default). Updating all at once held several scaled and masked copies of every gradient: on the
+    656 M temporal parameters of SVD that was 7 GB more than the weights, gradients and moments.
     """
 
     def __init__(
@@ -462,6 +491,7 @@ class Updater(nn.Cell):
         loss_scale: LossScaleSettings | None = None,
         ema_decay: float | None = None,
         world: int = 1,
+        group_values: int = 1 << 25,
     ):
         super().__init__(auto_prefix=False)  # keep the engine's parameter names (and the state's own)
         self.params = ParameterTuple(params)
@@ -487,6 +517,7 @@ class Updater(nn.Cell):
         self.clip = float(step.clip_norm) if step.clip_grad else 0.0
         self.drop_overflow = bool(step.drop_overflow_update)
         self.use_ema = ema_decay is not None
+        self.ema_decay = 0.0
         if self.use_ema:
             self.ema = self.params.clone("ema", "same")
             for p in self.ema:
@@ -494,6 +525,7 @@ class Updater(nn.Cell):
             self.ema_decay = float(ema_decay)
         self.reducer = nn.DistributedGradReducer(self.params, mean=True, degree=world) if world > 1 else None
         self.hyper_map = ops.HyperMap()
+        self.groups = update_groups([int(np.prod(p.shape)) for p in params], group_values)
 
     def state_parameters(self) -> list[Parameter]:
         """Optimizer and loss-scale state (the EMA weights are saved apart, under the model's names)."""
@@ -515,7 +547,6 @@ class Updater(nn.Cell):
         factor = inv
         if self.clip > 0:
             factor = inv * ops.minimum(self.clip / (norm + 1e-6), 1.0)
-        grads = self.hyper_map(ops.partial(_scale, factor), grads)
         ok = finite if self.drop_overflow else ops.ones_like(finite)
 
         # torch.optim.AdamW through the fused kernel p -= lr' (m / (sqrt(v) + eps') + wd' p): the bias corrections
@@ -528,12 +559,19 @@ class Updater(nn.Cell):
         one = ops.ones_like(lr)
         b1 = ops.where(ok, one * self.beta1, one)
         b2 = ops.where(ok, one * self.beta2, one)
-        adam = ops.partial(_adamw, self.adam, b1, b2, one * self.eps * root_bc2, lr_t, wd, ok)
-        done = self.hyper_map(adam, self.decay, self.params, self.exp_avg, self.exp_avg_sq, grads)
+        eps = one * self.eps * root_bc2
+        adam = ops.partial(_adamw, self.adam, factor, b1, b2, eps, lr_t, wd, self.drop_overflow)
+        rate = ops.where(ok, one * (1.0 - self.ema_decay), ops.zeros_like(one))
+        # group after group: a graph would otherwise be free to run every parameter's scaling first and hold a
+        # scaled copy of all gradients at once
+        done = norm
+        for start, end in self.groups:
+            g = self.hyper_map(ops.partial(_after, done), grads[start:end])
+            done = self.hyper_map(adam, self.decay[start:end], self.params[start:end], self.exp_avg[start:end],
+                                  self.exp_avg_sq[start:end], g)  # fmt: skip
+            if self.use_ema:
+                done = self.hyper_map(ops.partial(_ema, rate), self.ema[start:end], self.params[start:end])
         norm = ops.depend(norm, done)
-        if self.use_ema:
-            rate = ops.where(ok, one * (1.0 - self.ema_decay), ops.zeros_like(one))
-            norm = ops.depend(norm, self.hyper_map(ops.partial(_ema, rate), self.ema, self.params))
         norm = ops.depend(norm, ops.assign(self.step, ops.where(ok, self.step + 1, self.step)))
         return norm, finite
 

@@ -31,6 +31,7 @@ from modules.training import (
     lr_schedule,
     no_decay_names,
     select_trainable,
+    update_groups,
 )
 from tests.test_dataset import make_dataset_dir
 from train import main
@@ -258,14 +259,16 @@ def test_lr_schedule_warmup_then_cosine():
     np.testing.assert_array_equal(const, np.full(5, 0.5, np.float32))
 
 
-def test_updater_matches_torch_adamw_with_clipping_skips_and_ema():
+@pytest.mark.parametrize("group_values", [1 << 25, 1])  # one group, or one group per parameter
+def test_updater_matches_torch_adamw_with_clipping_skips_and_ema(group_values):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     w0 = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((4,)).astype(np.float32)]
     params = [Parameter(Tensor(w0[0]), name="a.weight"), Parameter(Tensor(w0[1]), name="a.bias")]
     lr = lr_schedule(SchedulerSettings(name="cosine_decay", lr=1e-2, end_lr=1e-4, warmup_steps=2), 10)
     opt_settings = OptimizerSettings(betas=[0.9, 0.98], eps=1e-6, weight_decay=0.1)
-    up = Updater(params, opt_settings, {"a.bias"}, StepSettings(clip_norm=0.5), ema_decay=0.9)
+    step = StepSettings(clip_norm=0.5)
+    up = Updater(params, opt_settings, {"a.bias"}, step, ema_decay=0.9, group_values=group_values)
     ref = [torch.nn.Parameter(torch.tensor(w)) for w in w0]
     groups = [{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-6)
@@ -291,6 +294,30 @@ def test_updater_matches_torch_adamw_with_clipping_skips_and_ema():
     for p, r, e, x in zip(params, ref, up.ema, ema):
         np.testing.assert_allclose(p.asnumpy(), r.detach().numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(e.asnumpy(), x, rtol=0, atol=1e-6)
+
+
+def test_update_groups_are_consecutive_and_bounded():
+    sizes = [5, 3, 4, 10, 1, 1, 2]
+    groups = update_groups(sizes, limit=8)
+    assert groups == ((0, 2), (2, 3), (3, 4), (4, 7))  # a parameter over the limit is a group of its own
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(sizes)))
+    assert update_groups([], 8) == () and update_groups([3], 1) == ((0, 1),)
+
+
+def test_a_skipped_step_without_clipping_leaves_everything_bit_identical():
+    """Without clipping the factor stays finite on overflow: the gradient's infinities and NaNs must not reach the
+    moments (0 * inf is NaN)."""
+    w0 = np.linspace(-1, 1, 6, dtype=np.float32)
+    p = Parameter(Tensor(w0), name="w")
+    up = Updater([p], OptimizerSettings(), set(), StepSettings(clip_grad=False))
+    lr = Tensor(0.1, ms.float32)
+    up((Tensor(np.full(6, 0.5, np.float32)),), lr)
+    before = [x.asnumpy().copy() for x in (p, up.exp_avg[0], up.exp_avg_sq[0])]
+    assert not np.array_equal(before[0], w0)
+    _, finite = up((Tensor(np.array([1, np.inf, -np.inf, np.nan, 2, 3], np.float32)),), lr)
+    assert not finite.asnumpy() and int(up.step.asnumpy()) == 1
+    for x, b in zip((p, up.exp_avg[0], up.exp_avg_sq[0]), before):
+        np.testing.assert_array_equal(x.asnumpy(), b)
 
 
 def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_a_window():
