@@ -29,6 +29,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from data.video_io import atomic_path
+from modules import kernels
 
 logger = logging.getLogger("train")
 
@@ -443,16 +444,28 @@ def _sum_sq(g):
     return n * n
 
 
+_sq_kernel = ops.MultitypeFuncGraph("sq_kernel")
+
+
+@_sq_kernel.register("Function", "Tensor")
+def _sum_sq_kernel(op, g):
+    return op(g).reshape(())
+
+
+_adamw_kernel = ops.MultitypeFuncGraph("adamw_kernel")
+
+
+@_adamw_kernel.register("Function", "Tensor", "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor")
+def _adamw_kernel_update(op, with_decay, without_decay, decay, param, m, v, g):
+    """One parameter's AdamW step in the compiled kernel (in place; see `modules/kernels/optim.cc`)."""
+    return op(param, m, v, g, with_decay if decay else without_decay)
+
+
 _after = ops.MultitypeFuncGraph("after")
 
 
 @_after.register("Tensor", "Tensor")
 def _after_tensor(done, x):
-    return ops.depend(x, done)
-
-
-@_after.register("Tuple", "Tensor")
-def _after_tuple(done, x):
     return ops.depend(x, done)
 
 
@@ -526,6 +539,11 @@ class Updater(nn.Cell):
         self.reducer = nn.DistributedGradReducer(self.params, mean=True, degree=world) if world > 1 else None
         self.hyper_map = ops.HyperMap()
         self.groups = update_groups([int(np.prod(p.shape)) for p in params], group_values)
+        # the compiled kernels when every trained parameter is float32 (the default); else MindSpore's operators
+        found = kernels.optimizer_ops() if all(p.dtype == ms.float32 for p in params) else None
+        self.use_kernels = found is not None
+        if found is not None:
+            self.sum_squares, self.adamw_step = found
 
     def state_parameters(self) -> list[Parameter]:
         """Optimizer and loss-scale state (the EMA weights are saved apart, under the model's names)."""
@@ -535,7 +553,11 @@ class Updater(nn.Cell):
         if self.reducer is not None:
             grads = self.reducer(grads)
         inv = 1.0 / (self.loss_scale * self.accum_steps)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_sq, grads))) * inv  # of the unscaled gradients
+        if self.use_kernels:
+            squares = self.hyper_map(ops.partial(_sq_kernel, self.sum_squares), grads)
+        else:
+            squares = self.hyper_map(_sq, grads)
+        norm = ops.sqrt(ops.addn(squares)) * inv  # of the unscaled gradients
         finite = ops.isfinite(norm)
         if self.dynamic_scale:
             good = ops.where(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))
@@ -560,18 +582,28 @@ class Updater(nn.Cell):
         b1 = ops.where(ok, one * self.beta1, one)
         b2 = ops.where(ok, one * self.beta2, one)
         eps = one * self.eps * root_bc2
-        adam = ops.partial(_adamw, self.adam, factor, b1, b2, eps, lr_t, wd, self.drop_overflow)
+        if self.use_kernels:
+            values = [factor * one, lr_t, b1, b2, eps, wd * one, one * float(self.drop_overflow), one * 0]
+            with_decay = ops.stack(values).astype(ms.float32)
+            values[5] = one * 0
+            adam = ops.partial(_adamw_kernel, self.adamw_step, with_decay, ops.stack(values).astype(ms.float32))
+        else:
+            adam = ops.partial(_adamw, self.adam, factor, b1, b2, eps, lr_t, wd, self.drop_overflow)
         rate = ops.where(ok, one * (1.0 - self.ema_decay), ops.zeros_like(one))
         # group after group: a graph would otherwise be free to run every parameter's scaling first and hold a
-        # scaled copy of all gradients at once
-        done = norm
+        # scaled copy of all gradients at once; the kernel writes in place, so what reads the parameters after it
+        # (the EMA) must wait for it explicitly
+        done = norm  # a scalar that waits for each group in turn
         for start, end in self.groups:
             g = self.hyper_map(ops.partial(_after, done), grads[start:end])
-            done = self.hyper_map(adam, self.decay[start:end], self.params[start:end], self.exp_avg[start:end],
-                                  self.exp_avg_sq[start:end], g)  # fmt: skip
+            out = self.hyper_map(adam, self.decay[start:end], self.params[start:end], self.exp_avg[start:end],
+                                 self.exp_avg_sq[start:end], g)  # fmt: skip
+            # the kernel's one-value outputs are summed: a data dependency on each, which no pass can prune
+            done = ops.depend(done, ops.addn(out)) if self.use_kernels else ops.depend(done, out)
             if self.use_ema:
-                done = self.hyper_map(ops.partial(_ema, rate), self.ema[start:end], self.params[start:end])
-        norm = ops.depend(norm, done)
+                params = self.hyper_map(ops.partial(_after, done), self.params[start:end])
+                done = ops.depend(done, self.hyper_map(ops.partial(_ema, rate), self.ema[start:end], params))
+        norm = done
         norm = ops.depend(norm, ops.assign(self.step, ops.where(ok, self.step + 1, self.step)))
         return norm, finite
 
@@ -621,7 +653,9 @@ class ApplyAccumulated(nn.Cell):
 
     def construct(self, lr):
         norm, finite = self.updater(self.accum, lr)
-        zero = self.hyper_map(ops.assign, self.accum, self.hyper_map(ops.zeros_like, self.accum))
+        # zeroed once the update has read them (its kernel is not ordered by the parameters' side effects)
+        zeros = self.hyper_map(ops.partial(_after, norm), self.hyper_map(ops.zeros_like, self.accum))
+        zero = self.hyper_map(ops.assign, self.accum, zeros)
         return ops.depend(norm, zero), finite
 
 

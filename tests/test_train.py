@@ -259,8 +259,21 @@ def test_lr_schedule_warmup_then_cosine():
     np.testing.assert_array_equal(const, np.full(5, 0.5, np.float32))
 
 
-@pytest.mark.parametrize("group_values", [1 << 25, 1])  # one group, or one group per parameter
-def test_updater_matches_torch_adamw_with_clipping_skips_and_ema(group_values):
+@pytest.mark.parametrize(
+    "kernels,mode,group_values",  # the compiled kernels or MindSpore's operators; one group or one per parameter
+    [(True, 1, 1 << 25), (True, 0, 1 << 25), (True, 0, 1), (False, 1, 1), (False, 0, 1 << 25)],
+)
+def test_updater_matches_torch_adamw_with_clipping_skips_and_ema(kernels, mode, group_values, monkeypatch):
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernels else "0")
+    previous = ms.get_context("mode")
+    ms.set_context(mode=mode)
+    try:
+        _updater_against_torch(kernels, group_values)
+    finally:
+        ms.set_context(mode=previous)
+
+
+def _updater_against_torch(kernels, group_values):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     w0 = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((4,)).astype(np.float32)]
@@ -269,6 +282,7 @@ def test_updater_matches_torch_adamw_with_clipping_skips_and_ema(group_values):
     opt_settings = OptimizerSettings(betas=[0.9, 0.98], eps=1e-6, weight_decay=0.1)
     step = StepSettings(clip_norm=0.5)
     up = Updater(params, opt_settings, {"a.bias"}, step, ema_decay=0.9, group_values=group_values)
+    assert up.use_kernels == kernels
     ref = [torch.nn.Parameter(torch.tensor(w)) for w in w0]
     groups = [{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-6)

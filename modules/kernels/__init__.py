@@ -10,6 +10,9 @@
   blocked direct and Winograd convolutions, and its matmul with the bias added in the GEMM's epilogue, on inputs of
   any rank as they are (MindSpore's MatMul is as fast alone, but a Linear also needs a BiasAdd pass over the output
   and, in a graph, reshapes that copy).
+- The optimizer (`optim.cc`): the gradient norm in one read-only pass, and AdamW with the gradient's unscaling,
+  clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
+  operators take seven passes and gradient-sized temporaries.
 - Axis permutations (`permute.cc`): in PyNative MindSpore's transpose is a strided view whose copy into a contiguous
   tensor runs at about 0.5 GB/s; the kernel writes the permuted tensor directly. In a graph it is as fast as
   MindSpore's Transpose, and the SVD UNet's graph peaks 2.2 GB lower with it.
@@ -35,6 +38,7 @@ import warnings
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.ops import signature as sig
 
 __all__ = [
     "conv2d_op",
@@ -47,6 +51,7 @@ __all__ = [
     "library",
     "linear_op",
     "onednn_library",
+    "optimizer_ops",
     "permute",
     "permute_enabled",
     "permute_op",
@@ -54,7 +59,7 @@ __all__ = [
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc", "permute.cc")]
+SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc", "permute.cc", "optim.cc")]
 ONEDNN_SOURCE = os.path.join(_HERE, "onednn.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -217,6 +222,38 @@ def geglu_op():
         return _half_last(p)
 
     return ops.Custom(f"{lib}:GegluForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+
+
+def optimizer_ops():
+    """(sum_squares, adamw_step), or None (see the module): `sum_squares(g)` is the (1,) squared L2 norm of a
+    float32 tensor; `adamw_step(param, m, v, g, settings)` updates the float32 parameter and its two moments in
+    place from `settings` = (factor, lr, beta1, beta2, eps, weight decay, guard, 0) (see `optim.cc`) and returns a
+    (1,) zero for the graph to order what follows after it."""
+    if not enabled():
+        return None
+    lib = library()
+
+    def one_value(*_):
+        return [1]
+
+    sum_squares = ops.Custom(f"{lib}:SumSquares", one_value, _like_first, func_type="aot")
+    adamw_step = _InPlaceUpdate(f"{lib}:AdamWStep", one_value, _like_first, func_type="aot")
+    adamw_step.add_prim_attr("side_effect_mem", True)  # as MindSpore's own optimizer primitives
+    return sum_squares, adamw_step
+
+
+class _InPlaceUpdate(ops.Custom):
+    """A custom operator that writes its first three inputs (a parameter and its two moments), declared so as
+    MindSpore's own AdamWeightDecay is: a graph passes those parameters themselves, not copies, and orders every
+    other read and write of them around the call."""
+
+    __mindspore_signature__ = (
+        sig.make_sig("param", sig.sig_rw.RW_WRITE),
+        sig.make_sig("m", sig.sig_rw.RW_WRITE),
+        sig.make_sig("v", sig.sig_rw.RW_WRITE),
+        sig.make_sig("g"),
+        sig.make_sig("settings"),
+    )
 
 
 def permute_enabled() -> bool:
