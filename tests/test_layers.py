@@ -277,8 +277,9 @@ def test_layer_norm_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
     ms.set_context(mode=mode)
     monkeypatch.setenv("SVD_CPU_KERNELS", "1" if kernel else "0")
     rng = np.random.default_rng(6)
-    for shape, affine in (((7, 12), True), ((2, 5, 12), True), ((3, 4, 12), False)):
-        cell = LayerNorm(12, eps=1e-6, affine=affine)
+    # the last shape has enough values for the gradient kernel to split its rows between threads
+    for shape, affine in (((7, 12), True), ((2, 5, 12), True), ((3, 4, 12), False), ((2, 1400, 384), True)):
+        cell = LayerNorm(shape[-1], eps=1e-6, affine=affine)
         assert (cell.kernel is not None) == kernel
         for p in cell.trainable_params():
             p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
@@ -286,7 +287,7 @@ def test_layer_norm_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
         dy = rng.standard_normal(shape).astype(np.float32)
         xt = torch.from_numpy(x).double().requires_grad_(True)
         params = [torch.from_numpy(p.asnumpy()).double().requires_grad_(True) for p in cell.trainable_params()]
-        yt = torch.nn.functional.layer_norm(xt, (12,), *(params or [None, None]), eps=1e-6)
+        yt = torch.nn.functional.layer_norm(xt, shape[-1:], *(params or [None, None]), eps=1e-6)
         (yt * torch.from_numpy(dy).double()).sum().backward()
         np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
         dx, grads = ms.grad(_WeightedSum(cell, Tensor(dy)), 0, cell.trainable_params())(Tensor(x))

@@ -10,8 +10,11 @@
 // Entry points have MindSpore's AOT signature: params holds the inputs, then the outputs. The number of groups is
 // read from the shape of the mean output (N, G); eps is a one-element input.
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
 
@@ -172,4 +175,65 @@ extern "C" int GroupNormBackward(int nparam, void **params, int *ndims, int64_t 
 extern "C" int GroupNormSiluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                      void *) {
   return BackwardEntry<true>(nparam, params, ndims, shapes);
+}
+
+// LayerNorm's gradient: the forward is GroupNormForward with one group over (rows, C), whose backward above splits
+// its work by group and so would run on one thread. Here the rows are split between the threads: each row's two
+// sums give its dx in a second pass, and each thread sums its rows' weight and bias gradients (in double) into a
+// slice of its own, added up at the end.
+// (x, weight, mean, rstd, dy) -> (dx, dweight, dbias); x and dy (rows, C), mean and rstd (rows, 1).
+extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                 void *) {
+  if (nparam != 8) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *weight = static_cast<const float *>(params[1]);
+  const float *mean = static_cast<const float *>(params[2]);
+  const float *rstd = static_cast<const float *>(params[3]);
+  const float *dy = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dweight = static_cast<float *>(params[6]);
+  float *dbias = static_cast<float *>(params[7]);
+  const int64_t c = shapes[0][ndims[0] - 1];
+  int64_t rows = 1;
+  for (int i = 0; i < ndims[0] - 1; ++i) rows *= shapes[0][i];
+  const int threads = rows * c >= kParallelMin ? omp_get_max_threads() : 1;
+  std::vector<double> partial(static_cast<size_t>(2 * c * threads), 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    double *pw = partial.data() + 2 * c * omp_get_thread_num();
+    double *pb = pw + c;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float *xr = x + r * c, *dyr = dy + r * c;
+      float *dxr = dx + r * c;
+      const float m = mean[r], rs = rstd[r];
+      double sum_g = 0.0, sum_g_xh = 0.0;  // sums over the row of dy * w and dy * w * xh
+#pragma omp simd reduction(+ : sum_g, sum_g_xh)
+      for (int64_t j = 0; j < c; ++j) {
+        const float xh = (xr[j] - m) * rs;
+        const float g = dyr[j] * weight[j];
+        sum_g += g;
+        sum_g_xh += g * xh;
+        pw[j] += dyr[j] * xh;
+        pb[j] += dyr[j];
+      }
+      const float mean_g = static_cast<float>(sum_g / static_cast<double>(c));
+      const float mean_g_xh = static_cast<float>(sum_g_xh / static_cast<double>(c));
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        const float xh = (xr[j] - m) * rs;
+        dxr[j] = rs * (dyr[j] * weight[j] - mean_g - xh * mean_g_xh);
+      }
+    }
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    double w = 0.0, b = 0.0;
+    for (int t = 0; t < threads; ++t) {
+      w += partial[2 * c * t + j];
+      b += partial[2 * c * t + c + j];
+    }
+    dweight[j] = static_cast<float>(w);
+    dbias[j] = static_cast<float>(b);
+  }
+  return 0;
 }
