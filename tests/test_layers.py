@@ -370,3 +370,10 @@ def test_permute_kernel_matches_numpy_with_its_gradient(monkeypatch):
     np.testing.assert_array_equal(grad.asnumpy(), np.transpose(w, (0, 3, 1, 2)))
     monkeypatch.setenv("SVD_PERMUTE_KERNEL", "0")
     assert isinstance(permuter((1, 0)), _Transpose)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3000, 300)])  # one thread, then rows split between threads
+def test_column_sums_match_numpy(shape):
+    op = kernels.sum_rows_op()
+    x = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(op(Tensor(x)).asnumpy(), x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)

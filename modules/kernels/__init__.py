@@ -13,6 +13,7 @@
 - The optimizer (`optim.cc`): the gradient norm in one read-only pass, and AdamW with the gradient's unscaling,
   clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
   operators take seven passes and gradient-sized temporaries.
+- Column sums for the bias gradients (`reduce.cc`), where MindSpore's ReduceSum over the first axis is slow.
 - Axis permutations (`permute.cc`): in PyNative MindSpore's transpose is a strided view whose copy into a contiguous
   tensor runs at about 0.5 GB/s; the kernel writes the permuted tensor directly. In a graph it is as fast as
   MindSpore's Transpose, and the SVD UNet's graph peaks 2.2 GB lower with it.
@@ -56,10 +57,11 @@ __all__ = [
     "permute_enabled",
     "permute_op",
     "release_conv_memory",
+    "sum_rows_op",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc", "permute.cc", "optim.cc")]
+SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc", "permute.cc", "optim.cc", "reduce.cc")]
 ONEDNN_SOURCE = os.path.join(_HERE, "onednn.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -205,6 +207,23 @@ def gelu_op():
     return _custom("GeluForward", "GeluBackward", _like_first)
 
 
+def sum_rows_op():
+    """`op(x)`: the column sums (C,) of a float32 (rows, C) tensor, by the compiled kernel where the kernels are
+    used (the bias gradients; `reduce.cc`), else `x.sum(0)`."""
+    if not enabled():
+        return _sum_first_axis
+    lib = library()
+
+    def out_shape(x):
+        return [x[1]]
+
+    return ops.Custom(f"{lib}:SumRows", out_shape, _like_first, func_type="aot")
+
+
+def _sum_first_axis(x):
+    return x.sum(0)
+
+
 def geglu_op():
     """`op(p, bias)`: `h * gelu(g)` where h and g are the halves of p + bias, for float32 p (..., 2d) and bias
     (2d,), giving (..., d), with the gradients of p and bias; or None (see the module). The bias is added inside
@@ -214,9 +233,11 @@ def geglu_op():
     lib = library()
     grad = ops.Custom(f"{lib}:GegluBackward", _like_first, _like_first, func_type="aot")
 
+    column_sums = sum_rows_op()
+
     def bprop(p, bias, out, dout):
         dp = grad(p, bias, dout)
-        return dp, dp.reshape(-1, bias.shape[0]).sum(0)
+        return dp, column_sums(dp.reshape(-1, bias.shape[0]))
 
     def out_shape(p, _):
         return _half_last(p)
@@ -443,9 +464,10 @@ def _linear_ops(lib: str, bias: bool):
     weights = ops.Custom(f"{lib}:LinearBackwardWeights", weight_shape, _like_first, func_type="aot")
 
     if bias:
+        column_sums = sum_rows_op()
 
         def bprop(x, weight, b, out, dout):
-            return data(dout, weight), weights(x, dout), dout.reshape(-1, b.shape[0]).sum(0)
+            return data(dout, weight), weights(x, dout), column_sums(dout.reshape(-1, b.shape[0]))
 
         return ops.Custom(f"{lib}:LinearForward", out_shape, _like_first, func_type="aot", bprop=bprop)
 

@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -197,7 +198,7 @@ extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t 
   int64_t rows = 1;
   for (int i = 0; i < ndims[0] - 1; ++i) rows *= shapes[0][i];
   const int threads = rows * c >= kParallelMin ? omp_get_max_threads() : 1;
-  std::vector<double> partial(static_cast<size_t>(2 * c * threads), 0.0);
+  std::vector<double> partial(static_cast<std::size_t>(2 * c * threads), 0.0);
 #pragma omp parallel num_threads(threads)
   {
     double *pw = partial.data() + 2 * c * omp_get_thread_num();
