@@ -129,6 +129,7 @@ class CrossAttention(nn.Cell):
         self.to_v = Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), _dropout(dropout)])
         self.permute = permuter((0, 2, 1, 3))
+        self.softmax = kernels.softmax_op()
 
     def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None:
@@ -146,10 +147,10 @@ class CrossAttention(nn.Cell):
         inner = q.shape[-1]
         if bc != b:
             # (r b') lq inner -> b' (r lq) inner: the query rows that share a context become one longer sequence.
-            out = attention(q.reshape(bc, (b // bc) * lq, inner), k, v, self.heads, self.permute)
+            out = attention(q.reshape(bc, (b // bc) * lq, inner), k, v, self.heads, self.permute, self.softmax)
             out = out.reshape(b, lq, inner)
         else:
-            out = attention(q, k, v, self.heads, self.permute)
+            out = attention(q, k, v, self.heads, self.permute, self.softmax)
         return self.to_out(out)
 
 

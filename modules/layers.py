@@ -372,9 +372,10 @@ def permuter(perm: tuple[int, ...]) -> nn.Cell:
     return _PermuteKernel(perm) if kernels.permute_enabled() else _Transpose(perm)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute: nn.Cell) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute: nn.Cell, softmax=None) -> Tensor:
     """Multi-head softmax attention. q: (B, Lq, H*D), k and v: (B, Lk, H*D) -> (B, Lq, H*D); `permute` is the
-    caller's `permuter((0, 2, 1, 3))` cell, which moves the heads in front of the sequence and back.
+    caller's `permuter((0, 2, 1, 3))` cell, which moves the heads in front of the sequence and back, and `softmax`
+    the caller's `kernels.softmax_op()` (None: MindSpore's softmax).
 
     Scores and softmax are computed in float32.
     """
@@ -386,7 +387,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute: nn.Cell) -> 
     k = permute(k.reshape(b, lk, heads, d))
     v = permute(v.reshape(b, lk, heads, d))
     scores = ops.BatchMatMul(transpose_b=True)(q, k).astype(ms.float32)
-    probs = ops.softmax(scores, axis=-1).astype(dtype)
+    probs = (ops.softmax(scores, axis=-1) if softmax is None else softmax(scores)).astype(dtype)
     out = ops.BatchMatMul()(probs, v)
     return permute(out).reshape(b, lq, inner)
 

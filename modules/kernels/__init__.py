@@ -13,6 +13,7 @@
 - The optimizer (`optim.cc`): the gradient norm in one read-only pass, and AdamW with the gradient's unscaling,
   clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
   operators take seven passes and gradient-sized temporaries.
+- Softmax over the last axis and its gradient (`softmax.cc`): the attention probabilities.
 - Column sums for the bias gradients (`reduce.cc`), where MindSpore's ReduceSum over the first axis is slow.
 - Axis permutations (`permute.cc`): in PyNative MindSpore's transpose is a strided view whose copy into a contiguous
   tensor runs at about 0.5 GB/s; the kernel writes the permuted tensor directly. In a graph it is as fast as
@@ -57,11 +58,15 @@ __all__ = [
     "permute_enabled",
     "permute_op",
     "release_conv_memory",
+    "softmax_op",
     "sum_rows_op",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in ("gelu.cc", "group_norm.cc", "permute.cc", "optim.cc", "reduce.cc")]
+SOURCES = [
+    os.path.join(_HERE, name)
+    for name in ("gelu.cc", "group_norm.cc", "permute.cc", "optim.cc", "reduce.cc", "softmax.cc")
+]
 ONEDNN_SOURCE = os.path.join(_HERE, "onednn.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -205,6 +210,19 @@ def _custom(forward: str, backward: str, out_shape):
 def gelu_op():
     """The exact GELU of a float32 tensor, with its gradient; or None (see the module)."""
     return _custom("GeluForward", "GeluBackward", _like_first)
+
+
+def softmax_op():
+    """Softmax over the last axis of a float32 tensor, with its gradient; or None (see the module)."""
+    if not enabled():
+        return None
+    lib = library()
+    grad = ops.Custom(f"{lib}:SoftmaxBackward", _like_first, _like_first, func_type="aot")
+
+    def bprop(x, out, dout):
+        return (grad(out, dout),)
+
+    return ops.Custom(f"{lib}:SoftmaxForward", _like_first, _like_first, func_type="aot", bprop=bprop)
 
 
 def sum_rows_op():

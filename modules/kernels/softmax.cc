@@ -1,0 +1,71 @@
+// Softmax over the last axis of a float32 tensor and its gradient, for MindSpore's CPU backend as AOT custom
+// operators: the attention probabilities. MindSpore's softmax gradient is three operators (a multiply, a
+// reduction and a subtract-multiply; 50 ms of a 0.68 s svd_small training step against 12 ms for the forward).
+// Here each row is one pass for its sum and one for its result, the rows split between the threads; exp is
+// glibc's vectorised expf (libmvec).
+//
+// Entry points have MindSpore's AOT signature: params holds the inputs, then the outputs.
+
+#include <cmath>
+#include <cstdint>
+
+extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
+
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 18;  // values; fewer run on one thread
+
+}  // namespace
+
+// SoftmaxForward(x) -> y, same shape.
+extern "C" int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                              void *) {
+  if (nparam != 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t len = shapes[0][ndims[0] - 1];
+  int64_t rows = 1;
+  for (int i = 0; i < ndims[0] - 1; ++i) rows *= shapes[0][i];
+#pragma omp parallel for schedule(static) if (rows * len >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * len;
+    float *yr = y + r * len;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < len; ++j) top = xr[j] > top ? xr[j] : top;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      const float e = expf(xr[j] - top);
+      yr[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) yr[j] *= inv;
+  }
+  return 0;
+}
+
+// SoftmaxBackward(y, dy) -> dx = y * (dy - sum(y * dy)) over each row.
+extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                               void *) {
+  if (nparam != 3) return 1;
+  const float *y = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t len = shapes[0][ndims[0] - 1];
+  int64_t rows = 1;
+  for (int i = 0; i < ndims[0] - 1; ++i) rows *= shapes[0][i];
+#pragma omp parallel for schedule(static) if (rows * len >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *yr = y + r * len, *dyr = dy + r * len;
+    float *dxr = dx + r * len;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < len; ++j) dot += yr[j] * dyr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dxr[j] = yr[j] * (dyr[j] - dot);
+  }
+  return 0;
+}
