@@ -94,3 +94,13 @@ def test_profile_of_the_tiny_unet_accounts_for_every_operator():
     assert set(kinds) == {*KINDS, "other"}
     assert kinds["convolution"] > 0 and kinds["fully connected"] > 0 and kinds["attention"] > 0
     assert abs(sum(kinds.values()) - total_ms) <= 0.01 * total_ms + 1.0
+
+
+def test_update_benchmark_runs_both_sides():
+    root = pathlib.Path(__file__).parents[1]
+    cmd = [sys.executable, "benchmarks/bench_update.py", "--tensors", "3", "--values", "5000", "--runs", "1"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "ours notes: kernels=True, values=15000" in lines
+    assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]
