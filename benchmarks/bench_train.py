@@ -32,12 +32,11 @@ def clip(case: Case) -> np.ndarray:
     return rng.uniform(-1, 1, (case.frames, 3, case.height, case.width)).astype(np.float32)
 
 
-def ours(case: Case) -> Measurement:
-    import mindspore as ms
+def our_step(case: Case):
+    """(run, trained parameters): `run()` is one step of our trainer (its first call compiles the graphs)."""
     from mindspore import Tensor
 
     harness.mindspore_setup(case)
-    from modules.memory import peak_memory_mb
     from modules.training import (
         OptimizerSettings,
         SchedulerSettings,
@@ -45,7 +44,6 @@ def ours(case: Case) -> Measurement:
         Trainer,
         build_training_engine,
         lr_schedule,
-        param_count,
         select_trainable,
     )
 
@@ -82,6 +80,16 @@ def ours(case: Case) -> Measurement:
         step[0] += 1
         return result
 
+    return run, params
+
+
+def ours(case: Case) -> Measurement:
+    import mindspore as ms
+
+    from modules.memory import peak_memory_mb
+    from modules.training import param_count
+
+    run, params = our_step(case)
     times, first = harness.timed(run, case.runs, case.warmup)
     return Measurement(
         times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops(),
@@ -90,7 +98,8 @@ def ours(case: Case) -> Measurement:
     )  # fmt: skip
 
 
-def ref(case: Case) -> Measurement:
+def ref_step(case: Case):
+    """(run, trained parameters): `run()` is one step of the diffusers and torch.optim fine-tuning loop."""
     import torch
 
     harness.torch_setup(case)
@@ -135,6 +144,11 @@ def ref(case: Case) -> Measurement:
         opt.step()
         return loss.item()
 
+    return run, params
+
+
+def ref(case: Case) -> Measurement:
+    run, params = ref_step(case)
     times, first = harness.timed(run, case.runs, case.warmup)
     return Measurement(
         times, first, harness.torch_peak_mb(), matmul_gflops=harness.torch_matmul_gflops(),

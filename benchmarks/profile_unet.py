@@ -3,6 +3,7 @@
 
     python benchmarks/profile_unet.py --preset svd --side ours
     python benchmarks/profile_unet.py --preset svd --side ref
+    python benchmarks/profile_unet.py --preset small --side ours --train     # a training step (bench_train.py's)
 
 Prints one line per kind (convolution, fully connected, attention, normalisation, elementwise, permutation and
 copies, other): milliseconds, share of the profiled evaluation and number of operator calls, then the twelve most
@@ -23,13 +24,19 @@ from benchmarks import harness
 from benchmarks.bench_unet import inputs
 from benchmarks.harness import Case
 
-KINDS = ("convolution", "fully connected", "attention", "normalisation", "elementwise", "permutation and copies")
+KINDS = (
+    "convolution", "fully connected", "attention", "normalisation", "elementwise", "permutation and copies",
+    "optimizer",
+)  # fmt: skip
 
 
 def _our_kind(op_type: str, scope: list[str]) -> str:
     """The kind of one of our operators, from its type and (for compiled kernels) the cells above it."""
-    if op_type == "Custom":  # a compiled kernel: the class of the cell that launched it
-        owner = scope[-2].split("-")[-1] if len(scope) > 1 else ""
+    if any(s.startswith("updater-") for s in scope):
+        return "optimizer"
+    if op_type == "Custom":  # a compiled kernel: the class of the cell that launched it (a gradient's: above it)
+        at = -3 if len(scope) > 2 and scope[-2].startswith("Grad_") else -2
+        owner = scope[at].split("-")[-1] if len(scope) >= -at else ""
         return {
             "_Conv": "convolution",
             "Linear": "fully connected",
@@ -38,6 +45,8 @@ def _our_kind(op_type: str, scope: list[str]) -> str:
             "LayerNorm": "normalisation",
             "GEGLU": "elementwise",
             "GELU": "elementwise",
+            "CrossAttention": "attention",  # the softmax kernel
+            "MultiheadSelfAttention": "attention",
         }.get(owner, "other")
     if op_type in ("MatMul", "BiasAdd"):
         return "fully connected"
@@ -54,6 +63,8 @@ def _our_kind(op_type: str, scope: list[str]) -> str:
 
 def _ref_kind(name: str) -> str:
     name = name.removeprefix("aten::")
+    if name.removeprefix("_foreach_") in ("lerp_", "addcmul_", "addcdiv_", "linalg_vector_norm", "norm"):
+        return "optimizer"  # AdamW's moment updates and clip_grad_norm_'s norms (its scaling is a plain mul_)
     if "convolution" in name:
         return "convolution"
     if name in ("addmm", "mm", "linear"):
@@ -73,14 +84,20 @@ def _ref_kind(name: str) -> str:
 def ours(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
     from mindspore import Profiler, Tensor
 
-    from benchmarks.models import our_denoiser
+    if case.extra["train"]:
+        from benchmarks.bench_train import our_step
 
-    harness.mindspore_setup(case)
-    cell = our_denoiser(case.config)
-    a = {k: Tensor(v) for k, v in inputs(case).items() if k != "time_ids"}
+        run, _ = our_step(case)
+        run()  # compiles
+    else:
+        from benchmarks.models import our_denoiser
 
-    def run():
-        return cell(a["x"], a["sigma"], a["concat"], a["context"], a["y"], case.frames).asnumpy()
+        harness.mindspore_setup(case)
+        cell = our_denoiser(case.config)
+        a = {k: Tensor(v) for k, v in inputs(case).items() if k != "time_ids"}
+
+        def run():
+            return cell(a["x"], a["sigma"], a["concat"], a["context"], a["y"], case.frames).asnumpy()
 
     run()
     with tempfile.TemporaryDirectory() as out:
@@ -108,20 +125,25 @@ def ref(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.models import diffusers_unet
+    if case.extra["train"]:
+        from benchmarks.bench_train import ref_step
 
-    harness.torch_setup(case)
-    unet = diffusers_unet(case.config)
-    a = inputs(case)
-    b, t = 2, case.frames
-    x = torch.from_numpy(a["x"]).reshape(b, t, *a["x"].shape[1:])
-    concat = torch.from_numpy(a["concat"]).reshape(b, t, *a["concat"].shape[1:])
-    context = torch.from_numpy(a["context"]).reshape(b, t, 1, -1)[:, 0]
-    time_ids = torch.from_numpy(a["time_ids"])
+        run, _ = ref_step(case)
+    else:
+        from benchmarks.models import diffusers_unet
 
-    def run():
-        with torch.inference_mode():
-            return unet(torch.cat([x, concat], 2), 0.5, context, time_ids, return_dict=False)[0]
+        harness.torch_setup(case)
+        unet = diffusers_unet(case.config)
+        a = inputs(case)
+        b, t = 2, case.frames
+        x = torch.from_numpy(a["x"]).reshape(b, t, *a["x"].shape[1:])
+        concat = torch.from_numpy(a["concat"]).reshape(b, t, *a["concat"].shape[1:])
+        context = torch.from_numpy(a["context"]).reshape(b, t, 1, -1)[:, 0]
+        time_ids = torch.from_numpy(a["time_ids"])
+
+        def run():
+            with torch.inference_mode():
+                return unet(torch.cat([x, concat], 2), 0.5, context, time_ids, return_dict=False)[0]
 
     run()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -139,14 +161,17 @@ def ref(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
 
 def main() -> int:
     parser = harness.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--train", action="store_true", help="one temporal-only training step of bench_train.py")
     args = parser.parse_args()
     if args.side == "both":
         parser.error("--side ours or --side ref: each side profiles in its own process")
-    case = harness.case_from_args(args)
+    args.full_unet = args.recompute = False  # bench_train.py's defaults
+    case = harness.case_from_args(args, ("train", "full_unet", "recompute"))
     harness.set_threads(case.threads)
     kinds, layers = (ours if args.side == "ours" else ref)(case)
     total = sum(v[0] for v in kinds.values())
-    print(f"{args.side}: {case.config}, 2 x {case.frames} frames of {case.height}x{case.width}; operator time "
+    what = f"a training step on {case.frames}" if args.train else f"2 x {case.frames}"
+    print(f"{args.side}: {case.config}, {what} frames of {case.height}x{case.width}; operator time "
           f"{total / 1e3:.3f} s")  # fmt: skip
     for kind in (*KINDS, "other"):
         ms_, calls = kinds.get(kind, (0.0, 0))
