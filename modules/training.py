@@ -439,9 +439,7 @@ _sq = ops.MultitypeFuncGraph("sq")
 
 @_sq.register("Tensor")
 def _sum_sq(g):
-    """The squared L2 norm, from the norm kernel: a reduction without a squared copy of the gradient."""
-    n = ops.norm(g.astype(ms.float32))
-    return n * n
+    return ops.square(g.astype(ms.float32)).sum()
 
 
 _sq_kernel = ops.MultitypeFuncGraph("sq_kernel")
@@ -491,8 +489,9 @@ class Updater(nn.Cell):
     `loss_scale_good_steps`, and the EMA weights `ema.*` when asked.
 
     Memory: besides the moments, the update needs one group of `group_values` values for its temporaries (128 MB
-    in float32 by default). Updating all at once held several scaled and masked copies of every gradient: on the
-    656 M temporal parameters of SVD that was 7 GB more than the weights, gradients and moments.
+    in float32 by default), none with the compiled kernels. Updating all at once held several scaled and masked
+    copies of every gradient: on 650 M values it peaked at 17.0 GiB in PyNative, against 9.7 GiB for the weights,
+    gradients and moments (`benchmarks/bench_update.py`).
     """
 
     def __init__(
@@ -591,8 +590,7 @@ class Updater(nn.Cell):
             adam = ops.partial(_adamw, self.adam, factor, b1, b2, eps, lr_t, wd, self.drop_overflow)
         rate = ops.where(ok, one * (1.0 - self.ema_decay), ops.zeros_like(one))
         # group after group: a graph would otherwise be free to run every parameter's scaling first and hold a
-        # scaled copy of all gradients at once; the kernel writes in place, so what reads the parameters after it
-        # (the EMA) must wait for it explicitly
+        # scaled copy of all gradients at once; the EMA reads each group's parameters once their update is done
         done = norm  # a scalar that waits for each group in turn
         for start, end in self.groups:
             g = self.hyper_map(ops.partial(_after, done), grads[start:end])
@@ -653,7 +651,7 @@ class ApplyAccumulated(nn.Cell):
 
     def construct(self, lr):
         norm, finite = self.updater(self.accum, lr)
-        # zeroed once the update has read them (its kernel is not ordered by the parameters' side effects)
+        # zeroed once the update is done: the update reads them as plain inputs
         zeros = self.hyper_map(ops.partial(_after, norm), self.hyper_map(ops.zeros_like, self.accum))
         zero = self.hyper_map(ops.assign, self.accum, zeros)
         return ops.depend(norm, zero), finite

@@ -193,16 +193,17 @@ def _half_last(shape):
     return list(shape[:-1]) + [shape[-1] // 2]
 
 
-def _custom(forward: str, backward: str, out_shape):
+def _custom(forward: str, backward: str, out_shape, from_output: bool = False):
     """The library's `forward` kernel as a custom operator whose gradient is its `backward` kernel (which takes the
-    input and the output's gradient and gives the input's gradient); None where the kernels are not used."""
+    input, or the output if `from_output`, and the output's gradient and gives the input's gradient); None where
+    the kernels are not used."""
     if not enabled():
         return None
     lib = library()
     grad = ops.Custom(f"{lib}:{backward}", _like_first, _like_first, func_type="aot")
 
     def bprop(x, out, dout):
-        return (grad(x, dout),)
+        return (grad(out if from_output else x, dout),)
 
     return ops.Custom(f"{lib}:{forward}", out_shape, _like_first, func_type="aot", bprop=bprop)
 
@@ -214,15 +215,7 @@ def gelu_op():
 
 def softmax_op():
     """Softmax over the last axis of a float32 tensor, with its gradient; or None (see the module)."""
-    if not enabled():
-        return None
-    lib = library()
-    grad = ops.Custom(f"{lib}:SoftmaxBackward", _like_first, _like_first, func_type="aot")
-
-    def bprop(x, out, dout):
-        return (grad(out, dout),)
-
-    return ops.Custom(f"{lib}:SoftmaxForward", _like_first, _like_first, func_type="aot", bprop=bprop)
+    return _custom("SoftmaxForward", "SoftmaxBackward", _like_first, from_output=True)
 
 
 def sum_rows_op():

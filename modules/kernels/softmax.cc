@@ -15,6 +15,13 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 18;  // values; fewer run on one thread
 
+// The number of rows: the product of every axis but the last.
+int64_t Rows(int ndim, const int64_t *shape) {
+  int64_t rows = 1;
+  for (int i = 0; i < ndim - 1; ++i) rows *= shape[i];
+  return rows;
+}
+
 }  // namespace
 
 // SoftmaxForward(x) -> y, same shape.
@@ -24,8 +31,7 @@ extern "C" int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **s
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t len = shapes[0][ndims[0] - 1];
-  int64_t rows = 1;
-  for (int i = 0; i < ndims[0] - 1; ++i) rows *= shapes[0][i];
+  const int64_t rows = Rows(ndims[0], shapes[0]);
 #pragma omp parallel for schedule(static) if (rows * len >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * len;
@@ -55,8 +61,7 @@ extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t len = shapes[0][ndims[0] - 1];
-  int64_t rows = 1;
-  for (int i = 0; i < ndims[0] - 1; ++i) rows *= shapes[0][i];
+  const int64_t rows = Rows(ndims[0], shapes[0]);
 #pragma omp parallel for schedule(static) if (rows * len >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float *yr = y + r * len, *dyr = dy + r * len;
