@@ -197,6 +197,9 @@ def _conv_cases():
     return [
         (dict(kernel_size=3, padding=1), (2, 6, 9, 7)),
         (dict(kernel_size=3, padding=1), (2, 6, 48, 48)),  # pixels enough for Winograd (on CPUs where oneDNN has it)
+        (dict(kernel_size=3, padding=1), (3, 6, 2, 2)),  # the UNet's 2x2 level: the kernel's one-GEMM path
+        (dict(kernel_size=3, padding=1), (2, 6, 1, 1)),
+        (dict(kernel_size=3, stride=2, padding=1), (2, 6, 4, 3)),  # 2x2 outputs through a stride
         (dict(kernel_size=3, stride=2, padding=(0, 1, 0, 1)), (3, 6, 10, 11)),  # the VAE encoder's downsampling
         (dict(kernel_size=3, stride=2, padding=1), (1, 6, 8, 8)),  # the UNet's
         (dict(kernel_size=1), (2, 6, 5, 6)),
@@ -249,6 +252,33 @@ def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel
             want = [xt.grad, weight.grad] + ([bias.grad] if bias is not None else [])
             for ours, ref in zip([dx, *grads], want):
                 np.testing.assert_allclose(ours.asnumpy().astype(np.float64), ref.numpy(), rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("setting", ["0", "1", None])
+def test_convolution_algorithms_match_torch(monkeypatch, setting):
+    """The kernel's 3x3 convolutions with Winograd's algorithm off, on (where oneDNN has it), and as the kernel
+    chooses: each output against torch's in float64."""
+    from modules.layers import Conv2d
+
+    if kernels.onednn_library() is None:
+        pytest.skip("no oneDNN kernel on this machine")
+    ms.set_context(mode=1)
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1")
+    if setting is None:
+        monkeypatch.delenv("SVD_CONV_WINOGRAD", raising=False)
+    else:
+        monkeypatch.setenv("SVD_CONV_WINOGRAD", setting)
+    rng = np.random.default_rng(11)
+    cell = Conv2d(64, 64, 3, padding=1)
+    for shape in [(2, 64, 12, 12), (3, 64, 8, 4)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = torch.nn.functional.conv2d(
+            torch.from_numpy(x).double(),
+            torch.from_numpy(cell.weight.asnumpy()).double(),
+            torch.from_numpy(cell.bias.asnumpy()).double(),
+            padding=1,
+        )
+        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")

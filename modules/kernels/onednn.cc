@@ -5,8 +5,9 @@
 // MindSpore's own Conv2D asks oneDNN for a convolution on plain NCHW tensors, which oneDNN runs as an im2col GEMM
 // (`gemm:jit`) at well under half of what the machine's direct kernels reach. Here the primitives are created with
 // the layouts left to oneDNN (`format_tag::any`), so it picks its blocked direct kernels (`jit:avx2`,
-// `brgconv:avx512_core`, ...), and Winograd's algorithm for large 3x3 convolutions where it has one; the inputs are
-// reordered into those layouts and the result back to NCHW, which costs a few percent of the convolution. The
+// `brgconv:avx512_core`, ...), and Winograd's algorithm for 3x3 convolutions where it has one and it pays
+// (`PreferWinograd`); the inputs are reordered into those layouts and the result back to NCHW, which costs a few
+// percent of the convolution. Outputs of a few pixels per sample run as one GEMM instead (`GemmForward`). The
 // blocked copies and oneDNN's working memory come from scratch buffers kept until `SvdConvRelease`, and the forward
 // pass runs in pieces (of the batch, else of the columns) that bound them.
 //
@@ -27,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <unordered_map>
@@ -252,19 +254,6 @@ struct Primitives {
   dnnl::convolution_backward_weights weights_run;
 };
 
-// Winograd's F(4x4, 3x3) (oneDNN has it for AVX-512 cores) takes 4x fewer multiplications than the direct 3x3
-// convolution, but transforms the weights on every call, at a cost proportional to C x O: it pays where a call has
-// at least this many output pixels (measured on the SVD shapes: 28 x 16 x 16 runs in 0.7x the direct time, 28 x 8 x 8
-// in 1.7x).
-constexpr int64_t kWinogradMinPixels = 4096;
-
-bool UseWinograd(const Geometry &g) {
-  const char *env = std::getenv("SVD_CONV_WINOGRAD");
-  if (env != nullptr && env[0] == '0') return false;
-  return g.kh == 3 && g.kw == 3 && g.strides[0] == 1 && g.strides[1] == 1 && g.groups == 1 &&
-         g.n * g.oh * g.ow >= kWinogradMinPixels;
-}
-
 // oneDNN's working memory (Winograd's transformed tiles, ...) is given at each call from `scratch` rather than held
 // by every primitive for the life of the process, which kept gigabytes for the VAE's decoder.
 dnnl::primitive_attr UserScratchpad() {
@@ -278,54 +267,53 @@ memory Workspace(const memory::desc &desc, Arena &arena) {
   return memory(desc, Rt().engine, desc.get_size() ? arena.Take(desc.get_size()) : nullptr);
 }
 
-// The primitives of one geometry, created on first use (the gradients' only when asked for).
-Primitives &Get(const Geometry &g, bool gradients) {
-  static std::map<std::pair<std::array<int64_t, 14>, bool>, Primitives> cache;
-  const bool winograd = UseWinograd(g);
-  Primitives &p = cache[{g.Key(), winograd}];
+// Whether a geometry may run Winograd's F(4x4, 3x3), which oneDNN has for AVX-512 cores: 3x3, stride 1, one group.
+bool WinogradShape(const Geometry &g) {
+  return g.kh == 3 && g.kw == 3 && g.strides[0] == 1 && g.strides[1] == 1 && g.groups == 1;
+}
+
+// The primitives of one geometry and algorithm, created on first use (the gradients' only when asked for, and
+// always direct); null when oneDNN has no Winograd kernel for this CPU or geometry.
+Primitives *Get(const Geometry &g, bool gradients, bool winograd) {
+  static std::map<std::pair<std::array<int64_t, 14>, bool>, std::unique_ptr<Primitives>> cache;
+  auto &slot = cache[{g.Key(), winograd}];
   const dnnl::engine &engine = Rt().engine;
   const memory::desc src(g.SrcDims(), kF32, Tag::any), dst(g.DstDims(), kF32, Tag::any),
       weight(g.WeightDims(), kF32, Tag::any), bias({g.o}, kF32, Tag::x);
-  const auto algorithm = dnnl::algorithm::convolution_direct;
-  if (!p.forward) {
-    for (auto kind : {dnnl::algorithm::convolution_winograd, algorithm}) {
-      if (kind == dnnl::algorithm::convolution_winograd && !winograd) continue;
-      try {
-        dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, kind, src, weight, bias, dst,
-                                          g.strides, g.pad_l, g.pad_r);
-        p.forward = dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), engine);
-        break;
-      } catch (const dnnl::error &) {
-        if (kind == algorithm) throw;  // Winograd is not implemented for this CPU: the direct one
-      }
+  if (!slot) {
+    const auto kind = winograd ? dnnl::algorithm::convolution_winograd : dnnl::algorithm::convolution_direct;
+    dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, kind, src, weight, bias, dst, g.strides,
+                                      g.pad_l, g.pad_r);
+    auto p = std::make_unique<Primitives>();
+    try {
+      p->forward = dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), engine);
+    } catch (const dnnl::error &) {
+      if (!winograd) throw;
+      return nullptr;  // the slot stays empty: asked again, it fails again
     }
-    p.forward_run = dnnl::convolution_forward(p.forward);
+    p->forward_run = dnnl::convolution_forward(p->forward);
+    slot = std::move(p);
   }
+  Primitives &p = *slot;
   if (gradients && !p.data) {
-    // the gradients are direct convolutions, whose layouts follow a direct forward convolution's
-    dnnl::convolution_forward::primitive_desc hint = p.forward;
-    if (winograd) {
-      dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, algorithm, src, weight, bias, dst,
-                                        g.strides, g.pad_l, g.pad_r);
-      hint = dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), engine);
-    }
+    const auto algorithm = dnnl::algorithm::convolution_direct;
     dnnl::convolution_backward_data::desc d(algorithm, src, weight, dst, g.strides, g.pad_l, g.pad_r);
-    p.data = dnnl::convolution_backward_data::primitive_desc(d, UserScratchpad(), engine, hint);
+    p.data = dnnl::convolution_backward_data::primitive_desc(d, UserScratchpad(), engine, p.forward);
     p.data_run = dnnl::convolution_backward_data(p.data);
     dnnl::convolution_backward_weights::desc w(algorithm, src, weight, bias, dst, g.strides, g.pad_l, g.pad_r);
-    p.weights = dnnl::convolution_backward_weights::primitive_desc(w, UserScratchpad(), engine, hint);
+    p.weights = dnnl::convolution_backward_weights::primitive_desc(w, UserScratchpad(), engine, p.forward);
     p.weights_run = dnnl::convolution_backward_weights(p.weights);
   }
-  return p;
+  return &p;
 }
 
-// The forward pass runs in pieces whose blocked copies and working memory stay under this many bytes where the
-// geometry allows: Winograd's working memory is about 4.6 times the input, so the VAE decoder's largest layers (14
-// frames of 128 channels at 128x128) would otherwise hold about 770 MB beside MindSpore's own tensors. A piece is a
-// divisor of the batch, so that the weights are transformed once per call; when one sample is still over the bound
-// and the kernel is one column wide without padding along W (the temporal convolutions: (kt, 1) over (T, H*W), a
-// batch of one clip), a piece is also a divisor of the columns. SVD_CONV_CHUNK_BYTES sets another bound (the tests
-// use a small one).
+// The forward pass runs in pieces that bound the memory growing with the batch (blocked copies of the input and
+// output, Winograd's transformed tiles: about 4.6 times the input) to this many bytes where the geometry allows, so
+// that the VAE decoder's largest layers (14 frames of 128 channels at 128x128) do not hold about 770 MB beside
+// MindSpore's own tensors. What does not grow with the batch (Winograd's transformed weights) is not split: a piece
+// is a divisor of the batch. When one sample is still over the bound and the kernel is one column wide without
+// padding along W (the temporal convolutions: (kt, 1) over (T, H*W), a batch of one clip), a piece is also a divisor
+// of the columns. SVD_CONV_CHUNK_BYTES sets another bound (the tests use a small one).
 size_t ChunkBytes() {
   const char *env = std::getenv("SVD_CONV_CHUNK_BYTES");
   return env != nullptr ? std::strtoull(env, nullptr, 10) : size_t(128) << 20;
@@ -338,14 +326,27 @@ int64_t DivisorAtLeast(int64_t n, int64_t want) {
   return n;
 }
 
-// (samples, columns) of one piece of the forward pass.
-std::pair<int64_t, int64_t> Piece(const Geometry &g) {
-  const Primitives &p = Get(g, false);
+// The working memory of one forward call beside MindSpore's tensors: blocked copies and oneDNN's scratchpad.
+size_t ForwardBytes(const Geometry &g, bool winograd) {
+  const auto &f = Get(g, false, winograd)->forward;
   const Plain plain(g);
-  size_t bytes = p.forward.scratchpad_desc().get_size();
-  if (p.forward.src_desc() != plain.src) bytes += p.forward.src_desc().get_size();
-  if (p.forward.dst_desc() != plain.dst) bytes += p.forward.dst_desc().get_size();
-  const size_t per_sample = bytes / static_cast<size_t>(g.n) + 1, budget = ChunkBytes();
+  size_t bytes = f.scratchpad_desc().get_size();
+  if (f.src_desc() != plain.src) bytes += f.src_desc().get_size();
+  if (f.dst_desc() != plain.dst) bytes += f.dst_desc().get_size();
+  return bytes;
+}
+
+// (samples, columns) of one piece of the forward pass.
+std::pair<int64_t, int64_t> Piece(const Geometry &g, bool winograd) {
+  const size_t whole = ForwardBytes(g, winograd), budget = ChunkBytes();
+  size_t fixed = 0;
+  if (g.n > 1 && whole > budget) {  // the part of one sample's call that a batch of n does not multiply
+    Geometry one = g;
+    one.n = 1;
+    const size_t single = ForwardBytes(one, winograd), per = (whole - single) / static_cast<size_t>(g.n - 1);
+    fixed = single > per ? single - per : 0;
+  }
+  const size_t per_sample = (whole - fixed) / static_cast<size_t>(g.n) + 1;
   const int64_t over = static_cast<int64_t>((per_sample * g.n + budget - 1) / budget);  // pieces needed
   const int64_t samples = g.n / DivisorAtLeast(g.n, over);
   const bool columns = g.kw == 1 && g.strides[1] == 1 && g.pad_l[1] == 0 && g.pad_r[1] == 0;
@@ -353,13 +354,13 @@ std::pair<int64_t, int64_t> Piece(const Geometry &g) {
   return {1, g.w / DivisorAtLeast(g.w, static_cast<int64_t>((per_sample + budget - 1) / budget))};
 }
 
-// (x, weight, geometry, bias) -> y
-void Forward(Geometry g, void **params) {
+// The forward pass with one algorithm, in pieces.
+void RunForward(Geometry g, void **params, bool winograd) {
   Runtime &rt = Rt();
   const int64_t n = g.n, width = g.w;
-  std::tie(g.n, g.w) = Piece(g);
+  std::tie(g.n, g.w) = Piece(g, winograd);
   g.ow = g.w == width ? g.ow : g.w;  // split columns only where the output has the input's
-  Primitives &p = Get(g, false);
+  Primitives &p = *Get(g, false, winograd);
   const int64_t out_width = g.w == width ? g.ow : width;
   const Plain plain(g, width, out_width);
   const auto &f = p.forward;
@@ -384,12 +385,44 @@ void Forward(Geometry g, void **params) {
       Return(y, plain.dst, out);
     }
   }
+  rt.stream.wait();
+}
+
+bool UseGemm(const Geometry &g);
+void GemmForward(const Geometry &g, void **params);
+
+// Whether Winograd's F(4x4, 3x3) beats the direct kernel that oneDNN picked. It takes 4x fewer multiplications but
+// transforms the weights at every call, and how that nets out depends on the direct kernel. Against the older
+// `jit:avx512_common` (an Intel Xeon with AMX, where oneDNN 2.2 has no fp32 `brgconv`) it took 0.15-0.85x the time on
+// every SVD shape with 64 or more channels in and out, from 28 x 4 x 4 to 14 x 64 x 64 pixels, and 1.2-1.8x on the
+// thin ones (8 -> 320, 320 -> 4, 128 -> 3). Against `brgconv:avx512_core` (an AMD EPYC) it took 1.7x at 28 x 8 x 8
+// and 0.7x at 28 x 16 x 16, so there it runs from 4,096 output pixels per call.
+constexpr int64_t kMinWinogradChannels = 64, kBrgconvWinogradPixels = 4096;
+
+bool PreferWinograd(const Geometry &g) {
+  if (g.c < kMinWinogradChannels || g.o < kMinWinogradChannels) return false;
+  const std::string direct = Get(g, false, false)->forward.impl_info_str();
+  return direct.rfind("brg", 0) != 0 || g.n * g.oh * g.ow >= kBrgconvWinogradPixels;
+}
+
+// (x, weight, geometry, bias) -> y. SVD_CONV_WINOGRAD=1 takes Winograd wherever oneDNN has it, =0 never.
+void Forward(Geometry g, void **params) {
+  if (UseGemm(g)) return GemmForward(g, params);
+  const char *env = std::getenv("SVD_CONV_WINOGRAD");
+  const char setting = env != nullptr ? env[0] : 'a';
+  bool winograd = setting != '0' && WinogradShape(g) && Get(g, false, true) != nullptr;
+  if (winograd && setting != '1') {
+    static std::map<std::array<int64_t, 14>, bool> preferred;
+    const auto known = preferred.find(g.Key());
+    winograd = known != preferred.end() ? known->second : (preferred[g.Key()] = PreferWinograd(g));
+  }
+  RunForward(g, params, winograd);
 }
 
 // (x, weight, geometry, dy) -> dx
 void BackwardData(Geometry g, void **params) {
   Runtime &rt = Rt();
-  Primitives &p = Get(g, true);
+  Primitives &p = *Get(g, true, false);
   const Plain plain(g);
   const auto &d = p.data;
   Arena arena(Need(plain.dst, d.diff_dst_desc()) + Need(plain.weight, d.weights_desc()) +
@@ -407,7 +440,7 @@ void BackwardData(Geometry g, void **params) {
 // (x, weight, geometry, dy) -> (dweight, dbias)
 void BackwardWeights(Geometry g, void **params) {
   Runtime &rt = Rt();
-  Primitives &p = Get(g, true);
+  Primitives &p = *Get(g, true, false);
   const Plain plain(g);
   const auto &b = p.weights;
   Arena arena(Need(plain.src, b.src_desc()) + Need(plain.dst, b.diff_dst_desc()) +
@@ -512,6 +545,54 @@ void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c
                                        {DNNL_ARG_SCRATCHPAD, Workspace(g.pd.scratchpad_desc(), arena)}};
   if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, memory(g.pd.bias_desc(), rt.engine, bias));
   g.run.execute(rt.stream, args);
+}
+
+// A convolution whose output has a few pixels per sample (the UNet's 2x2 level) runs as one GEMM over the whole
+// batch: the input's patches as rows (im2col, taps past the border as zeros), times the weight as MindSpore holds it
+// ((O, C x kh x kw), no reorder), with the bias in the epilogue, then the result transposed to NCHW. oneDNN's direct
+// kernels block their registers along the output row, which has 2 pixels there, and reach a fraction of the
+// machine's GEMM; their weight reorder also reads and writes the whole weight at every call.
+constexpr int64_t kGemmMaxPixels = 4;
+
+bool UseGemm(const Geometry &g) {
+  const char *env = std::getenv("SVD_CONV_GEMM");
+  if (env != nullptr && env[0] == '0') return false;
+  return g.groups == 1 && g.oh * g.ow <= kGemmMaxPixels;
+}
+
+void GemmForward(const Geometry &g, void **params) {
+  Runtime &rt = Rt();
+  const int64_t pixels = g.oh * g.ow, taps = g.kh * g.kw, depth = g.c * taps;
+  const Rows r{g.n * pixels, depth, g.o};
+  Gemm &gemm = GetGemm(GemmKind::kForward, r);
+  const size_t col_bytes = Round(sizeof(float) * r.m * depth), out_bytes = Round(sizeof(float) * r.m * g.o);
+  Arena arena(col_bytes + out_bytes + Round(gemm.pd.scratchpad_desc().get_size()));
+  float *col = static_cast<float *>(arena.Take(col_bytes)), *rows = static_cast<float *>(arena.Take(out_bytes));
+  const float *x = static_cast<const float *>(params[0]);
+  rt.pool->parallel_for(static_cast<int>(r.m), [&](int row, int) {
+    const int64_t b = row / pixels, oy = row % pixels / g.ow, ox = row % g.ow;
+    float *dst = col + row * depth;
+    for (int64_t c = 0; c < g.c; ++c) {
+      const float *plane = x + (b * g.c + c) * g.h * g.w;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy * g.strides[0] - g.pad_l[0] + ky;
+        for (int64_t kx = 0; kx < g.kw; ++kx, ++dst) {
+          const int64_t ix = ox * g.strides[1] - g.pad_l[1] + kx;
+          *dst = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? plane[iy * g.w + ix] : 0.0f;
+        }
+      }
+    }
+  });
+  gemm.run.execute(rt.stream, {{DNNL_ARG_SRC, memory(gemm.pd.src_desc(), rt.engine, col)},
+                               {DNNL_ARG_WEIGHTS, memory(gemm.pd.weights_desc(), rt.engine, params[1])},
+                               {DNNL_ARG_BIAS, memory(gemm.pd.bias_desc(), rt.engine, params[3])},
+                               {DNNL_ARG_DST, memory(gemm.pd.dst_desc(), rt.engine, rows)},
+                               {DNNL_ARG_SCRATCHPAD, Workspace(gemm.pd.scratchpad_desc(), arena)}});
+  // rows (n, pixels, o) -> y (n, o, pixels)
+  const memory::dims dims{g.n, g.o, pixels};
+  memory from({dims, kF32, memory::dims{pixels * g.o, 1, g.o}}, rt.engine, rows);
+  memory to({dims, kF32, memory::dims{g.o * pixels, pixels, 1}}, rt.engine, params[4]);
+  dnnl::reorder(from, to).execute(rt.stream, from, to);
 }
 }  // namespace
 
