@@ -109,3 +109,46 @@ def test_update_benchmark_runs_both_sides():
     lines = out.stdout.splitlines()
     assert "ours notes: kernels=True, values=15000" in lines
     assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]
+
+
+def test_linear_benchmark_counts_the_unets_fully_connected_layers():
+    """The shapes follow the SVD UNet: at 2 x 14 frames of 128x128 they hold 1,030 GFLOP, half of the evaluation's
+    2,015 (counted by torch on diffusers' UNet in bench_unet.py), in 16 transformers' worth of layers; and a small
+    case runs on both sides."""
+    from benchmarks.bench_linear import gflop, shapes
+    from benchmarks.harness import Case
+
+    svd = Case("configs/svd.yaml", frames=14, height=128, width=128)
+    assert sum(calls for *_, calls in shapes(svd)) == 16 * 16
+    assert (7168, 320, 2560, 15) in shapes(svd) and (112, 5120, 1280, 3) in shapes(svd)
+    assert 1000 < gflop(svd) < 1060
+    root = pathlib.Path(__file__).parents[1]
+    small = ["--frames", "2", "--height", "64", "--width", "64", "--runs", "1"]
+    cmd = [sys.executable, "benchmarks/bench_linear.py", *small]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("fully connected layers of one UNet evaluation: 2 x 2 frames of 64x64, 256 calls")
+    assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]
+
+
+def test_conv_benchmark_counts_the_unets_convolutions():
+    """The shapes follow the SVD UNet: at 2 x 14 frames of 128x128, 110 calls (as many convolutions as the profile
+    of one evaluation counts) holding 880 GFLOP, the rest of the evaluation's 2,015 beside the fully connected
+    layers' 1,030; and a small case runs on both sides."""
+    from benchmarks.bench_conv import gflop, shapes
+    from benchmarks.harness import Case
+
+    svd = Case("configs/svd.yaml", frames=14, height=128, width=128)
+    assert sum(s[-1] for s in shapes(svd)) == 110
+    assert ("2d", (28, 2560, 2, 2), (1280, 2560, 3, 3), 1, 3) in shapes(svd)
+    assert ("3d", (2, 1280, 14, 2, 2), (1280, 1280, 3, 1, 1), 1, 14) in shapes(svd)
+    assert 860 < gflop(svd) < 900
+    root = pathlib.Path(__file__).parents[1]
+    small = ["--frames", "2", "--height", "64", "--width", "64", "--runs", "1"]
+    out = subprocess.run([sys.executable, "benchmarks/bench_conv.py", *small], cwd=root, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("convolutions of one UNet evaluation: 2 x 2 frames of 64x64, 110 calls")
+    assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]

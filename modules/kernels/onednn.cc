@@ -396,11 +396,20 @@ void GemmForward(const Geometry &g, void **params);
 // `jit:avx512_common` (an Intel Xeon with AMX, where oneDNN 2.2 has no fp32 `brgconv`) it took 0.15-0.85x the time on
 // every SVD shape with 64 or more channels in and out, from 28 x 4 x 4 to 14 x 64 x 64 pixels, and 1.2-1.8x on the
 // thin ones (8 -> 320, 320 -> 4, 128 -> 3). Against `brgconv:avx512_core` (an AMD EPYC) it took 1.7x at 28 x 8 x 8
-// and 0.7x at 28 x 16 x 16, so there it runs from 4,096 output pixels per call.
+// and 0.7x at 28 x 16 x 16, so there it runs from 4,096 output pixels per call. Its working memory holds the
+// transformed weights, 4x the weights whatever the batch, which the scratch buffer keeps until released: a geometry
+// whose working memory for one sample is over kWinogradMaxBytes runs direct. In the UNet that is the 4x4 level's
+// 2560 -> 1280 and 1920 -> 1280 (472 and 354 MB): 0.08 s more per evaluation than with Winograd, and 275 MiB less
+// at the full-size training step's peak (21,256 MiB against 21,531 with no bound; a 128 MB bound, which also sent
+// every convolution with 1280 channels out to the direct kernel, peaked at 21,109 and took 0.39 s more).
 constexpr int64_t kMinWinogradChannels = 64, kBrgconvWinogradPixels = 4096;
+constexpr size_t kWinogradMaxBytes = size_t(256) << 20;
 
 bool PreferWinograd(const Geometry &g) {
   if (g.c < kMinWinogradChannels || g.o < kMinWinogradChannels) return false;
+  Geometry one = g;
+  one.n = 1;
+  if (ForwardBytes(one, true) > kWinogradMaxBytes) return false;
   const std::string direct = Get(g, false, false)->forward.impl_info_str();
   return direct.rfind("brg", 0) != 0 || g.n * g.oh * g.ow >= kBrgconvWinogradPixels;
 }
