@@ -326,9 +326,16 @@ int64_t DivisorAtLeast(int64_t n, int64_t want) {
   return n;
 }
 
+// A geometry's forward primitives: Winograd's when asked for and oneDNN has them for it (a piece of a call, or one
+// sample of it, may lack them where the whole call has them), else the direct ones.
+Primitives &ForwardPrimitives(const Geometry &g, bool winograd) {
+  Primitives *p = winograd ? Get(g, false, true) : nullptr;
+  return p != nullptr ? *p : *Get(g, false, false);
+}
+
 // The working memory of one forward call beside MindSpore's tensors: blocked copies and oneDNN's scratchpad.
 size_t ForwardBytes(const Geometry &g, bool winograd) {
-  const auto &f = Get(g, false, winograd)->forward;
+  const auto &f = ForwardPrimitives(g, winograd).forward;
   const Plain plain(g);
   size_t bytes = f.scratchpad_desc().get_size();
   if (f.src_desc() != plain.src) bytes += f.src_desc().get_size();
@@ -360,7 +367,7 @@ void RunForward(Geometry g, void **params, bool winograd) {
   const int64_t n = g.n, width = g.w;
   std::tie(g.n, g.w) = Piece(g, winograd);
   g.ow = g.w == width ? g.ow : g.w;  // split columns only where the output has the input's
-  Primitives &p = *Get(g, false, winograd);
+  Primitives &p = ForwardPrimitives(g, winograd);
   const int64_t out_width = g.w == width ? g.ow : width;
   const Plain plain(g, width, out_width);
   const auto &f = p.forward;
@@ -385,7 +392,6 @@ void RunForward(Geometry g, void **params, bool winograd) {
       Return(y, plain.dst, out);
     }
   }
-  rt.stream.wait();
 }
 
 bool UseGemm(const Geometry &g);
@@ -544,16 +550,24 @@ Gemm &GetGemm(GemmKind kind, const Rows &r) {
   return g;
 }
 
-void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
+// The room a GEMM's working memory takes in an arena.
+size_t GemmBytes(GemmKind kind, const Rows &r) { return Round(GetGemm(kind, r).pd.scratchpad_desc().get_size()); }
+
+// One GEMM (operands as in `GetGemm`), its working memory from `arena`.
+void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c, Arena &arena) {
   Runtime &rt = Rt();
   Gemm &g = GetGemm(kind, r);
-  Arena arena(Round(g.pd.scratchpad_desc().get_size()));
   std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(g.pd.src_desc(), rt.engine, a)},
                                        {DNNL_ARG_WEIGHTS, memory(g.pd.weights_desc(), rt.engine, b)},
                                        {DNNL_ARG_DST, memory(g.pd.dst_desc(), rt.engine, c)},
                                        {DNNL_ARG_SCRATCHPAD, Workspace(g.pd.scratchpad_desc(), arena)}};
   if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, memory(g.pd.bias_desc(), rt.engine, bias));
   g.run.execute(rt.stream, args);
+}
+
+void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
+  Arena arena(GemmBytes(kind, r));
+  RunGemm(kind, r, a, b, bias, c, arena);
 }
 
 // A convolution whose output has a few pixels per sample (the UNet's 2x2 level) runs as one GEMM over the whole
@@ -573,9 +587,8 @@ void GemmForward(const Geometry &g, void **params) {
   Runtime &rt = Rt();
   const int64_t pixels = g.oh * g.ow, taps = g.kh * g.kw, depth = g.c * taps;
   const Rows r{g.n * pixels, depth, g.o};
-  Gemm &gemm = GetGemm(GemmKind::kForward, r);
   const size_t col_bytes = Round(sizeof(float) * r.m * depth), out_bytes = Round(sizeof(float) * r.m * g.o);
-  Arena arena(col_bytes + out_bytes + Round(gemm.pd.scratchpad_desc().get_size()));
+  Arena arena(col_bytes + out_bytes + GemmBytes(GemmKind::kForward, r));
   float *col = static_cast<float *>(arena.Take(col_bytes)), *rows = static_cast<float *>(arena.Take(out_bytes));
   const float *x = static_cast<const float *>(params[0]);
   rt.pool->parallel_for(static_cast<int>(r.m), [&](int row, int) {
@@ -592,11 +605,7 @@ void GemmForward(const Geometry &g, void **params) {
       }
     }
   });
-  gemm.run.execute(rt.stream, {{DNNL_ARG_SRC, memory(gemm.pd.src_desc(), rt.engine, col)},
-                               {DNNL_ARG_WEIGHTS, memory(gemm.pd.weights_desc(), rt.engine, params[1])},
-                               {DNNL_ARG_BIAS, memory(gemm.pd.bias_desc(), rt.engine, params[3])},
-                               {DNNL_ARG_DST, memory(gemm.pd.dst_desc(), rt.engine, rows)},
-                               {DNNL_ARG_SCRATCHPAD, Workspace(gemm.pd.scratchpad_desc(), arena)}});
+  RunGemm(GemmKind::kForward, r, col, params[1], params[3], rows, arena);
   // rows (n, pixels, o) -> y (n, o, pixels)
   const memory::dims dims{g.n, g.o, pixels};
   memory from({dims, kF32, memory::dims{pixels * g.o, 1, g.o}}, rt.engine, rows);
