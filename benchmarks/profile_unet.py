@@ -6,9 +6,10 @@
     python benchmarks/profile_unet.py --preset small --side ours --train     # a training step (bench_train.py's)
 
 Prints one line per kind (convolution, fully connected, attention, normalisation, elementwise, permutation and
-copies, other): milliseconds, share of the profiled evaluation and number of operator calls, then the twelve most
+copies, other): milliseconds, share of the profiled evaluation and number of operator calls; then the twelve most
 expensive layers (ours: by the scope of the cell that launched them, where a graph that reuses one compiled block
-for several layers names them all after the first; the reference: by operator and input shapes).
+for several layers names them all after the first; the reference: by operator and input shapes); then the sixteen
+most expensive operator types (ours: a compiled kernel by the class of the cell that launched it).
 The inputs and models are those of benchmarks/bench_unet.py; one warm-up evaluation runs before the profiled one.
 """
 
@@ -45,6 +46,7 @@ def _our_kind(op_type: str, scope: list[str]) -> str:
             "LayerNorm": "normalisation",
             "GEGLU": "elementwise",
             "GELU": "elementwise",
+            "Attention": "attention",  # the fused attention kernel
             "CrossAttention": "attention",  # the softmax kernel
             "MultiheadSelfAttention": "attention",
         }.get(owner, "other")
@@ -81,7 +83,7 @@ def _ref_kind(name: str) -> str:
     return "other"
 
 
-def ours(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
+def ours(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]], list[tuple[str, float]]]:
     from mindspore import Profiler, Tensor
 
     if case.extra["train"]:
@@ -111,6 +113,7 @@ def ours(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
         rows = list(csv.DictReader(open(files[0])))
     kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     layers: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
     for r in rows:
         ms_ = float(r["op_total_time(ms)"])
         scope = r["full_op_name"].split("/")
@@ -118,10 +121,12 @@ def ours(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
         kind[0] += ms_
         kind[1] += int(r["op_occurrences"])
         layers[".".join(s.split("-")[0] for s in scope[2:-1]) + f" ({r['op_type']})"] += ms_
-    return kinds, layers.most_common(12)
+        owner = scope[-2].split("-")[-1] if r["op_type"] == "Custom" and len(scope) > 1 else ""
+        ops[r["op_type"] + (f" in {owner}" if owner else "")] += ms_
+    return kinds, layers.most_common(12), ops.most_common(16)
 
 
-def ref(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
+def ref(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]], list[tuple[str, float]]]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -156,7 +161,8 @@ def ref(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]]]:
     layers = [
         (f"{e.key} {e.input_shapes}", e.self_cpu_time_total / 1e3) for e in prof.key_averages(group_by_input_shape=True)
     ]
-    return kinds, sorted(layers, key=lambda kv: -kv[1])[:12]
+    ops = [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()]
+    return kinds, sorted(layers, key=lambda kv: -kv[1])[:12], sorted(ops, key=lambda kv: -kv[1])[:16]
 
 
 def main() -> int:
@@ -168,7 +174,7 @@ def main() -> int:
     args.full_unet = args.recompute = False  # bench_train.py's defaults
     case = harness.case_from_args(args, ("train", "full_unet", "recompute"))
     harness.set_threads(case.threads)
-    kinds, layers = (ours if args.side == "ours" else ref)(case)
+    kinds, layers, ops = (ours if args.side == "ours" else ref)(case)
     total = sum(v[0] for v in kinds.values())
     what = f"a training step on {case.frames}" if args.train else f"2 x {case.frames}"
     print(f"{args.side}: {case.config}, {what} frames of {case.height}x{case.width}; operator time "
@@ -178,6 +184,9 @@ def main() -> int:
         print(f"  {kind:24s} {ms_:9.1f} ms {100 * ms_ / max(total, 1e-9):5.1f} %  {int(calls):5d} calls")
     print("most expensive:")
     for name, ms_ in layers:
+        print(f"  {ms_:9.1f} ms  {name}")
+    print("by operator:")
+    for name, ms_ in ops:
         print(f"  {ms_:9.1f} ms  {name}")
     return 0
 

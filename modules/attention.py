@@ -17,13 +17,13 @@ from mindspore.common.initializer import initializer
 from modules import kernels
 from modules.layers import (
     GELU,
+    Attention,
     Conv2d,
     GroupNorm,
     Identity,
     LayerNorm,
     Linear,
     SiLU,
-    attention,
     default_norm_groups,
     permuter,
     timestep_embedding,
@@ -42,7 +42,7 @@ __all__ = [
     "chunked_feed_forward",
 ]
 
-# Accepted for config compatibility; every mode runs `layers.attention`.
+# Accepted for config compatibility; every mode runs `layers.Attention`.
 ATTENTION_MODES = ("softmax", "softmax-xformers", "vanilla", "vanilla-xformers", "flash-attention")
 
 
@@ -128,8 +128,7 @@ class CrossAttention(nn.Cell):
         self.to_k = Linear(context_dim, inner_dim, bias=False)
         self.to_v = Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), _dropout(dropout)])
-        self.permute = permuter((0, 2, 1, 3))
-        self.softmax = kernels.softmax_op()
+        self.attention = Attention(heads)
 
     def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None:
@@ -147,10 +146,9 @@ class CrossAttention(nn.Cell):
         inner = q.shape[-1]
         if bc != b:
             # (r b') lq inner -> b' (r lq) inner: the query rows that share a context become one longer sequence.
-            out = attention(q.reshape(bc, (b // bc) * lq, inner), k, v, self.heads, self.permute, self.softmax)
-            out = out.reshape(b, lq, inner)
+            out = self.attention(q.reshape(bc, (b // bc) * lq, inner), k, v).reshape(b, lq, inner)
         else:
-            out = attention(q, k, v, self.heads, self.permute, self.softmax)
+            out = self.attention(q, k, v)
         return self.to_out(out)
 
 

@@ -16,8 +16,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, initializer
 
-from modules import kernels
-from modules.layers import GELU, LayerNorm, Linear, attention, permuter
+from modules.layers import GELU, Attention, LayerNorm, Linear
 
 __all__ = [
     "CLIP_MEAN",
@@ -188,8 +187,7 @@ class MultiheadSelfAttention(nn.Cell):
         self.in_proj_bias = Parameter(initializer("zeros", (3 * width,), ms.float32), name="in_proj_bias")
         self.out_proj = Linear(width, width)
         self.matmul = ops.MatMul(transpose_b=True)
-        self.permute = permuter((0, 2, 1, 3))
-        self.softmax = kernels.softmax_op()
+        self.attention = Attention(heads)
 
     def construct(self, x):
         b, l, d = x.shape
@@ -197,7 +195,7 @@ class MultiheadSelfAttention(nn.Cell):
         qkv = self.matmul(x.reshape(b * l, d), self.in_proj_weight.astype(x.dtype)) + self.in_proj_bias.astype(x.dtype)
         qkv = qkv.reshape(b, l, 3 * d)
         q, k, v = qkv[:, :, :d], qkv[:, :, d : 2 * d], qkv[:, :, 2 * d :]
-        return self.out_proj(attention(q, k, v, self.heads, self.permute, self.softmax))
+        return self.out_proj(self.attention(q, k, v))
 
 
 class MLP(nn.Cell):

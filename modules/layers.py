@@ -392,6 +392,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute: nn.Cell, sof
     return permute(out).reshape(b, lq, inner)
 
 
+class Attention(nn.Cell):
+    """Multi-head softmax attention as a cell: q (B, Lq, H*D), k and v (B, Lk, H*D) -> (B, Lq, H*D). On the CPU one
+    compiled kernel (`kernels.attention_op`, float32) where it builds, else `attention` with a permutation cell and
+    the softmax kernel."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.fused = kernels.attention_op(heads)
+        if self.fused is not None:
+            self.heads_tensor = Tensor([heads], ms.int64)
+        else:
+            self.permute = permuter((0, 2, 1, 3))
+            self.softmax = kernels.softmax_op()
+
+    def construct(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.fused is None:
+            return attention(q, k, v, self.heads, self.permute, self.softmax)
+        f32 = ms.float32
+        return self.fused(q.astype(f32), k.astype(f32), v.astype(f32), self.heads_tensor).astype(q.dtype)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of (N,) scalars to (N, dim): [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2)).
 

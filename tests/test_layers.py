@@ -425,3 +425,41 @@ def test_softmax_kernel_and_its_gradient_match_torch(mode):
         np.testing.assert_allclose(op(Tensor(x)).asnumpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
         dx = ms.grad(_WeightedSum(op, Tensor(dy)))(Tensor(x))
         np.testing.assert_allclose(dx.asnumpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("kernel", ["1", "0"])
+@pytest.mark.parametrize(
+    "b, lq, lk, heads, d",
+    [(3, 14, 14, 2, 8), (2, 600, 300, 3, 16), (1, 40, 1, 2, 4)],  # temporal-like; query rows in blocks; one key
+)
+def test_attention_matches_torch_with_gradients(monkeypatch, mode, kernel, b, lq, lk, heads, d):
+    """The Attention cell (the fused kernel, or the permutations, BatchMatMul and softmax without it) against torch's
+    scaled_dot_product_attention on heads packed as (B, L, H*D), with the gradients of q, k and v."""
+    monkeypatch.setenv("SVD_ATTENTION_KERNEL", kernel)
+    kernels.attention_op.cache_clear()
+    from modules.layers import Attention
+
+    ms.set_context(mode=mode)
+    cell = Attention(heads)
+    assert (cell.fused is not None) == (kernel == "1" and kernels.enabled())
+    rng = np.random.default_rng(10)
+    q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) * 2 for n in (lq, lk, lk))
+    dy = rng.standard_normal((b, lq, heads * d)).astype(np.float32)
+    qt, kt, vt = (torch.from_numpy(a).double().requires_grad_(True) for a in (q, k, v))
+
+    def split(t):
+        return t.reshape(b, t.shape[1], heads, d).transpose(1, 2)
+
+    yt = torch.nn.functional.scaled_dot_product_attention(split(qt), split(kt), split(vt))
+    yt = yt.transpose(1, 2).reshape(b, lq, heads * d)
+    (yt * torch.from_numpy(dy).double()).sum().backward()
+
+    def loss(q_, k_, v_):
+        return (cell(q_, k_, v_) * Tensor(dy)).sum()
+
+    np.testing.assert_allclose(cell(Tensor(q), Tensor(k), Tensor(v)).asnumpy(), yt.detach(), rtol=1e-4, atol=1e-5)
+    grads = ms.grad(loss, (0, 1, 2))(Tensor(q), Tensor(k), Tensor(v))
+    for ours, ref in zip(grads, (qt, kt, vt)):
+        np.testing.assert_allclose(ours.asnumpy(), ref.grad.numpy(), rtol=1e-4, atol=1e-4)
+    kernels.attention_op.cache_clear()

@@ -14,6 +14,9 @@
   clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
   operators take seven passes and gradient-sized temporaries.
 - Softmax over the last axis and its gradient (`softmax.cc`): the attention probabilities.
+- Multi-head attention in one kernel (`onednn.cc`): the heads read in place from the projections' (B, L, H*D)
+  output with strided GEMMs, and the scores computed, normalised and used a block of query rows at a time, so the
+  permutations to (B, H, L, D) and back and the (B, H, Lq, Lk) score tensor are gone.
 - Column sums for the bias gradients (`reduce.cc`), where MindSpore's ReduceSum over the first axis is slow.
 - Axis permutations (`permute.cc`): in PyNative MindSpore's transpose is a strided view whose copy into a contiguous
   tensor runs at about 0.5 GB/s; the kernel writes the permuted tensor directly. In a graph it is as fast as
@@ -43,6 +46,7 @@ from mindspore import ops
 from mindspore.ops import signature as sig
 
 __all__ = [
+    "attention_op",
     "conv2d_op",
     "conv_geometry",
     "enabled",
@@ -171,7 +175,8 @@ def onednn_library() -> str | None:
                       stacklevel=2)  # fmt: skip
         return None
     lib_dir = os.path.dirname(shipped[0])
-    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-I{headers}", shipped[0], f"-Wl,-rpath,{lib_dir}", "-pthread"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17",
+             f"-I{headers}", shipped[0], f"-Wl,-rpath,{lib_dir}", "-pthread"]  # fmt: skip
     return _build("onednn", [ONEDNN_SOURCE], flags)
 
 
@@ -486,6 +491,42 @@ def _linear_ops(lib: str, bias: bool):
         return data(dout, weight), weights(x, dout)
 
     return ops.Custom(f"{lib}:LinearForwardNoBias", out_shape, _like_first, func_type="aot", bprop=bprop_no_bias)
+
+
+@functools.cache
+def attention_op(heads: int):
+    """`op(q, k, v, heads_tensor)`: multi-head softmax attention of float32 q (B, Lq, H*D) to k and v (B, Lk, H*D),
+    giving (B, Lq, H*D), in one oneDNN-library kernel that reads each head in place and never holds the whole score
+    tensor (`onednn.cc`); `heads_tensor` is the (1,) int64 tensor of `heads`. Its gradient recomputes the
+    probabilities with MindSpore's BatchMatMul and the permutation and softmax kernels. None where those kernels are
+    not used, or with SVD_ATTENTION_KERNEL=0."""
+    if not _on_cpu() or os.environ.get("SVD_ATTENTION_KERNEL", "1") == "0" or library() is None:
+        return None
+    lib = onednn_library()
+    if lib is None:
+        return None
+    _set_threads(lib, _threads())
+    to_heads, axes = permute_op((0, 2, 1, 3))  # its own inverse
+    softmax = softmax_op()
+    softmax_grad = ops.Custom(f"{library()}:SoftmaxBackward", _like_first, _like_first, func_type="aot")
+    matmul, matmul_nt, matmul_tn = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True), ops.BatchMatMul(True)
+
+    def split(x):  # (B, L, H*D) -> (B, H, L, D)
+        return to_heads(x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads), axes)
+
+    def merge(x):  # (B, H, L, D) -> (B, L, H*D)
+        return to_heads(x, axes).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+
+    def bprop(q, k, v, heads_tensor, out, dout):
+        scale = (q.shape[2] // heads) ** -0.5
+        qh, kh, vh, dh = split(q), split(k), split(v), split(dout)
+        p = softmax(matmul_nt(qh, kh) * scale)
+        ds = softmax_grad(p, matmul_nt(dh, vh)) * scale
+        return merge(matmul(ds, kh)), merge(matmul_tn(ds, qh)), merge(matmul_tn(p, dh)), ops.zeros_like(heads_tensor)
+
+    op = ops.Custom(f"{lib}:AttentionForward", _like_first, _like_first, func_type="aot", bprop=bprop)
+    op.add_prim_attr("heads", heads)  # one primitive per head count (see conv2d_op)
+    return op
 
 
 def release_conv_memory() -> None:

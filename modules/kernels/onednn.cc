@@ -19,8 +19,10 @@
 // geometry as a six-element int64 input (stride along H and W, padding top, bottom, left, right); the number of
 // groups is C_in / the weight's second dimension. float32 only; the Python side casts other types.
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -37,6 +39,8 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "oneapi/dnnl/dnnl_threadpool.hpp"
+
+extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));  // glibc's libmvec has the vector form
 
 namespace {
 
@@ -612,6 +616,72 @@ void GemmForward(const Geometry &g, void **params) {
   memory to({dims, kF32, memory::dims{g.o * pixels, pixels, 1}}, rt.engine, params[4]);
   dnnl::reorder(from, to).execute(rt.stream, from, to);
 }
+
+// Multi-head softmax attention on the tokens as the projections give them, (B, L, H*D): each head is a column slice
+// of every row, which the GEMMs read and write with the row stride H*D, so no permutation to (B, H, L, D) and back.
+// The work is split into (batch, head, block of query rows) items over the threads; each item computes its block
+// of scores with one single-threaded GEMM, takes the softmax of each row in place and multiplies by V with a second
+// GEMM. A block holds at most kScoreFloats scores (at least kMinQueryRows rows), so the whole (B, H, Lq, Lk) score
+// tensor never exists: at 576x1024 the first level's self-attention would need 17 GB for it per frame batch of 25.
+constexpr int64_t kScoreFloats = 1 << 17;
+constexpr int64_t kMinQueryRows = 16;
+
+// Softmax of each of `rows` rows of `len` values, in place.
+void SoftmaxRows(float *s, int64_t rows, int64_t len) {
+  for (int64_t r = 0; r < rows; ++r, s += len) {
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < len; ++j) top = s[j] > top ? s[j] : top;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] = expf(s[j] - top);
+      sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+  }
+}
+
+// params: q (B, Lq, H*D), k and v (B, Lk, H*D), heads (1,) int64; out (B, Lq, H*D) = softmax(q k^T / sqrt(D)) v
+// per head.
+int Attention(void **params, int *ndims, int64_t **shapes) {
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3) return 1;
+  const int64_t b = shapes[0][0], lq = shapes[0][1], inner = shapes[0][2], lk = shapes[1][1];
+  const int64_t heads = *static_cast<const int64_t *>(params[3]);
+  for (int i = 1; i < 3; ++i)
+    if (shapes[i][0] != b || shapes[i][1] != lk || shapes[i][2] != inner) return 1;
+  if (heads < 1 || inner % heads != 0 || lk < 1) return 1;
+  const int64_t d = inner / heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t block = std::min(lq, std::max(kMinQueryRows, kScoreFloats / lk));
+  const int64_t blocks = (lq + block - 1) / block;
+  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]),
+              *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[4]);
+  std::atomic<int> failed{0};
+  Rt().pool->parallel_for(static_cast<int>(b * heads * blocks), [&](int item, int) {
+    thread_local Pool one(1);  // the GEMMs of an item run on its own thread
+    thread_local std::vector<float> scores;
+    const int64_t i = item / (heads * blocks), h = item / blocks % heads, r0 = item % blocks * block;
+    const int64_t rows = std::min(block, lq - r0);
+    if (scores.size() < static_cast<size_t>(rows * lk)) scores.resize(rows * lk);
+    const float *qi = q + (i * lq + r0) * inner + h * d, *ki = k + i * lk * inner + h * d,
+                *vi = v + i * lk * inner + h * d;
+    float *oi = out + (i * lq + r0) * inner + h * d;
+    if (dnnl::threadpool_interop::sgemm('N', 'T', rows, lk, d, scale, qi, inner, ki, inner, 0.0f, scores.data(), lk,
+                                        &one) != dnnl::status::success) {
+      failed = 1;
+      return;
+    }
+    SoftmaxRows(scores.data(), rows, lk);
+    if (dnnl::threadpool_interop::sgemm('N', 'N', rows, d, lk, 1.0f, scores.data(), lk, vi, inner, 0.0f, oi, inner,
+                                        &one) != dnnl::status::success)
+      failed = 1;
+  });
+  return failed.load() ? 2 : 0;
+}
 }  // namespace
 
 // Sets the number of threads the convolutions run on (the machine's cores until called).
@@ -640,6 +710,12 @@ extern "C" int ConvBackwardData(int nparam, void **params, int *ndims, int64_t *
 extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                    void *) {
   return Guard(nparam, 6, BackwardWeights, params, ndims, shapes);
+}
+
+// (q, k, v, heads) -> out; see `Attention`.
+extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                void *) {
+  return Locked(nparam, 5, [&] { return Attention(params, ndims, shapes); });
 }
 
 // (x (..., k), weight (n, k), bias (n,)) -> y (..., n)
