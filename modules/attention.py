@@ -114,7 +114,8 @@ class CrossAttention(nn.Cell):
     `context` may have fewer rows than `x` when consecutive query rows share one context: with B = r * B', row i of
     `x` attends to row i // r of `context`. This is exact (each query attends independently) and avoids repeating the
     context r times, as sgm does for the temporal cross-attention. A single-token context skips q, k and the softmax
-    (exact: the one attention weight is 1).
+    (exact: the one attention weight is 1). With `residual` (shaped like the output) the result is output + residual;
+    for a single-token context that is one row per context added to its rows (`kernels.add_rows_op`).
     """
 
     def __init__(
@@ -129,8 +130,9 @@ class CrossAttention(nn.Cell):
         self.to_v = Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), _dropout(dropout)])
         self.attention = Attention(heads)
+        self.add_rows = kernels.add_rows_op()
 
-    def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def construct(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         if context is None:
             context = x
         b, lq, _ = x.shape
@@ -138,6 +140,9 @@ class CrossAttention(nn.Cell):
         if context.shape[1] == 1:
             # One key: its softmax weight is exactly 1, so every query gets v. SVD's image context is one token.
             out = self.to_out(self.to_v(context))  # bc 1 c
+            if residual is not None:
+                rows = residual.reshape(bc, (b // bc) * lq, -1).astype(ms.float32)
+                return self.add_rows(rows, out.astype(ms.float32)).reshape(b, lq, -1).astype(residual.dtype)
             # tile, not broadcast_to: in PyNative a broadcast view goes through a slow strided copy when materialised
             return ops.tile(out, (1, (b // bc) * lq, 1)).reshape(b, lq, -1)
         q = self.to_q(x)
@@ -149,7 +154,8 @@ class CrossAttention(nn.Cell):
             out = self.attention(q.reshape(bc, (b // bc) * lq, inner), k, v).reshape(b, lq, inner)
         else:
             out = self.attention(q, k, v)
-        return self.to_out(out)
+        out = self.to_out(out)
+        return out if residual is None else out + residual
 
 
 class GEGLU(nn.Cell):
@@ -216,7 +222,7 @@ class BasicTransformerBlock(nn.Cell):
 
     def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context) + x
+        x = self.attn2(self.norm2(x), context, x)
         return chunked_feed_forward(self.ff, self.norm3(x), self._chunk_dim, self._chunk_size) + x
 
 
@@ -344,7 +350,7 @@ class VideoTransformerBlock(nn.Cell):
                 x = x + x_skip
         x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
         if self.has_attn2:
-            x = self.attn2(self.norm2(x), None if self.switch_temporal_ca_to_sa else context) + x
+            x = self.attn2(self.norm2(x), None if self.switch_temporal_ca_to_sa else context, x)
         x_skip = x
         x = chunked_feed_forward(self.ff, self.norm3(x), 1, self._chunk_size)
         if self.is_res:

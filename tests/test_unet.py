@@ -427,3 +427,30 @@ def test_norm_num_groups_reaches_every_group_norm():
     cfg["model"]["params"]["norm_num_groups"] = 8
     assert groups(build_engine(cfg, lazy=True)) == {8}
     assert default_norm_groups() == 32  # the setting does not leak out of the build
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_single_token_cross_attention_residual_and_gradients(mode):
+    """With one context token, attention output plus residual is one row per context added to its rows (the
+    add-rows kernel where the kernels build): value and the gradients of x, the context, the residual and to_v's
+    weight against the plain sum, in both modes."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(11)
+    attn = CrossAttention(16, context_dim=8, heads=2, dim_head=8)
+    x, residual, context = _randn(rng, 6, 5, 16), _randn(rng, 6, 5, 16), _randn(rng, 2, 1, 8)
+    w = _randn(rng, 6, 5, 16)
+
+    def fused(x_, c_, r_):
+        return (attn(x_, c_, r_) * w).sum()
+
+    def plain(x_, c_, r_):
+        return ((attn(x_, c_) + r_) * w).sum()
+
+    params = [attn.to_v.weight]
+    (value, grads), (value_ref, grads_ref) = (
+        ms.value_and_grad(f, (0, 1, 2), params)(x, context, residual) for f in (fused, plain)
+    )
+    np.testing.assert_allclose(value.asnumpy(), value_ref.asnumpy(), rtol=1e-5)
+    for ours, ref in zip([*grads[0], *grads[1]], [*grads_ref[0], *grads_ref[1]]):
+        np.testing.assert_allclose(ours.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(grads[0][1].asnumpy()).sum() > 0 and np.abs(grads[1][0].asnumpy()).sum() > 0

@@ -17,7 +17,8 @@
 - Multi-head attention in one kernel (`onednn.cc`): the heads read in place from the projections' (B, L, H*D)
   output with strided GEMMs, and the scores computed, normalised and used a block of query rows at a time, so the
   permutations to (B, H, L, D) and back and the (B, H, Lq, Lk) score tensor are gone.
-- Column sums for the bias gradients (`reduce.cc`), where MindSpore's ReduceSum over the first axis is slow.
+- Column sums for the bias gradients (`reduce.cc`), where MindSpore's ReduceSum over the first axis is slow, and a
+  row added to a group of rows (the residual of a cross-attention to one context token).
 - Axis permutations (`permute.cc`): in PyNative MindSpore's transpose is a strided view whose copy into a contiguous
   tensor runs at about 0.5 GB/s; the kernel writes the permuted tensor directly. In a graph it is as fast as
   MindSpore's Transpose, and the SVD UNet's graph peaks 2.2 GB lower with it.
@@ -46,6 +47,7 @@ from mindspore import ops
 from mindspore.ops import signature as sig
 
 __all__ = [
+    "add_rows_op",
     "attention_op",
     "conv2d_op",
     "conv_geometry",
@@ -238,6 +240,23 @@ def sum_rows_op():
 
 def _sum_first_axis(x):
     return x.sum(0)
+
+
+def add_rows_op():
+    """`op(x, y)`: x (G, R, C) + y (G, 1, C), the row of each group added to its R rows, with both gradients, by the
+    compiled kernel (`reduce.cc`) where the kernels are used, else by tiling y."""
+    if not enabled():
+        return _add_tiled
+    reduce_sum = ops.ReduceSum(keep_dims=True)
+
+    def bprop(x, y, out, dout):
+        return dout, reduce_sum(dout, 1)
+
+    return ops.Custom(f"{library()}:AddRows", _like_first, _like_first, func_type="aot", bprop=bprop)
+
+
+def _add_tiled(x, y):
+    return x + ops.tile(y, (1, x.shape[1], 1))
 
 
 def geglu_op():
