@@ -62,12 +62,18 @@ void Forward(const float *x, const float *weight, const float *bias, float eps, 
     const float rs = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(len) + eps));
     mean[r] = m;
     rstd[r] = rs;
+    float *yr = y + r * len;
+    if (l.plane == 1 && !kSilu) {  // LayerNorm: a row of channels, vectorised along them
+#pragma omp simd
+      for (int64_t k = 0; k < l.width; ++k) yr[k] = (xr[k] - m) * rs * weight[k] + bias[k];
+      continue;
+    }
     const int64_t c0 = (r % l.groups) * l.width;
     for (int64_t k = 0; k < l.width; ++k) {
       const float a = rs * weight[c0 + k];
       const float s = bias[c0 + k] - m * a;
       const float *xc = xr + k * l.plane;
-      float *yc = y + r * len + k * l.plane;
+      float *yc = yr + k * l.plane;
 #pragma omp simd
       for (int64_t j = 0; j < l.plane; ++j) {
         const float z = xc[j] * a + s;
