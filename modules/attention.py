@@ -399,6 +399,7 @@ class SpatialVideoTransformer(SpatialTransformer):
             [Linear(in_channels, in_channels * 4), SiLU(), Linear(in_channels * 4, in_channels)]
         )
         self.time_mixer = AlphaBlender(alpha=merge_factor, merge_strategy=merge_strategy)
+        self.add_rows = kernels.add_rows_op()
         if checkpoint:
             # Only now: recompute() captures the parameters that exist when it is called.
             self.recompute()
@@ -417,15 +418,17 @@ class SpatialVideoTransformer(SpatialTransformer):
             time_context = time_context.expand_dims(1)
         x = self._to_tokens(x)
 
-        # Frame-index embedding, (b t) 1 C: the same for every clip.
+        # Frame-index embedding, (b t) 1 C: the same for every clip; added to each frame's h*w tokens by add_rows
+        # (not by broadcasting arithmetic: see layers.GroupNorm)
         frames = ops.arange(0, num_frames, dtype=ms.float32)
         t_emb = timestep_embedding(frames, self.in_channels, max_period=self.max_time_embed_period)
-        emb = self.time_pos_embed(t_emb.astype(x.dtype))
-        emb = ops.tile(emb.reshape(1, num_frames, 1, -1), (b, 1, h * w, 1))  # tile: see CrossAttention
-        emb = emb.reshape(x.shape)  # (b t) (h w) c, explicit (see layers.GroupNorm on broadcasting arithmetic)
+        emb = self.time_pos_embed(t_emb.astype(x.dtype)).astype(ms.float32)
+        emb = ops.tile(emb.reshape(1, num_frames, -1), (b, 1, 1)).reshape(bt, 1, -1)
 
         for i in range(self.depth):
             x = self.transformer_blocks[i](x, context)
-            x_mix = self.time_stack[i](x + emb, time_context, num_frames)
+            x_mix = self.time_stack[i](
+                self.add_rows(x.astype(ms.float32), emb).astype(x.dtype), time_context, num_frames
+            )
             x = self.time_mixer(x, x_mix, image_only_indicator)
         return self._to_image(x, h, w) + x_in
