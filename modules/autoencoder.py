@@ -16,11 +16,19 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Sequence
 
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from modules.config import instantiate
-from modules.layers import Conv2d, GroupNorm, Identity, Linear, SiLU, default_norm_groups, upsample_nearest2x
+from modules.layers import (
+    Attention,
+    Conv2d,
+    GroupNorm,
+    Identity,
+    Linear,
+    SiLU,
+    default_norm_groups,
+    upsample_nearest2x,
+)
 
 __all__ = [
     "Normalize",
@@ -124,15 +132,12 @@ class AttnBlock(nn.Cell):
     def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = in_channels
-        self.scale = float(in_channels) ** -0.5
         self.norm = Normalize(in_channels)
         self.q = Conv2d(in_channels, in_channels, 1)
         self.k = Conv2d(in_channels, in_channels, 1)
         self.v = Conv2d(in_channels, in_channels, 1)
         self.proj_out = Conv2d(in_channels, in_channels, 1)
-        # Working on b c (h w) directly: scores = q^T k and out = v p^T need no transposes.
-        self.scores_mm = ops.BatchMatMul(transpose_a=True)
-        self.out_mm = ops.BatchMatMul(transpose_b=True)
+        self.attention = Attention(1, channels_first=True)  # on b c (h w) as the projections give it
 
     def construct(self, x: Tensor, timesteps: int | None = None) -> Tensor:
         b, c, h, w = x.shape
@@ -140,9 +145,7 @@ class AttnBlock(nn.Cell):
         q = self.q(hn).reshape(b, c, h * w)
         k = self.k(hn).reshape(b, c, h * w)
         v = self.v(hn).reshape(b, c, h * w)
-        scores = self.scores_mm(q * self.scale, k)  # b, (h w)_q, (h w)_k
-        probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(x.dtype)
-        out = self.out_mm(v, probs).reshape(b, c, h, w)  # b c (h w)_q
+        out = self.attention(q, k, v).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 

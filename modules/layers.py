@@ -393,25 +393,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, permute: nn.Cell, sof
 
 
 class Attention(nn.Cell):
-    """Multi-head softmax attention as a cell: q (B, Lq, H*D), k and v (B, Lk, H*D) -> (B, Lq, H*D). On the CPU one
-    compiled kernel (`kernels.attention_op`, float32) where it builds, else `attention` with a permutation cell and
-    the softmax kernel."""
+    """Multi-head softmax attention as a cell: q (B, Lq, H*D), k and v (B, Lk, H*D) -> (B, Lq, H*D), or with
+    `channels_first` (single-head only without the kernel) every tensor (B, C, L). On the CPU one compiled kernel
+    (`kernels.attention_op`, float32) where it builds, else `attention` with a permutation cell and the softmax
+    kernel, or channels first two BatchMatMuls that read the transposes."""
 
-    def __init__(self, heads: int):
+    def __init__(self, heads: int, channels_first: bool = False):
         super().__init__()
         self.heads = heads
-        self.fused = kernels.attention_op(heads)
+        self.channels_first = channels_first
+        self.fused = kernels.attention_op(heads, channels_first)
         if self.fused is not None:
-            self.heads_tensor = Tensor([heads], ms.int64)
+            self.options = kernels.attention_options(heads, channels_first)
+        elif channels_first:
+            if heads != 1:
+                raise ValueError("channels-first attention has one head without the attention kernel")
+            self.scores_mm = ops.BatchMatMul(transpose_a=True)
+            self.out_mm = ops.BatchMatMul(transpose_b=True)
         else:
             self.permute = permuter((0, 2, 1, 3))
             self.softmax = kernels.softmax_op()
 
     def construct(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.fused is None:
-            return attention(q, k, v, self.heads, self.permute, self.softmax)
-        f32 = ms.float32
-        return self.fused(q.astype(f32), k.astype(f32), v.astype(f32), self.heads_tensor).astype(q.dtype)
+        if self.fused is not None:
+            f32 = ms.float32
+            return self.fused(q.astype(f32), k.astype(f32), v.astype(f32), self.options).astype(q.dtype)
+        if self.channels_first:  # b c l: scores = q^T k and out = v p^T need no transposes
+            scores = self.scores_mm(q * (q.shape[1] ** -0.5), k)
+            probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(q.dtype)
+            return self.out_mm(v, probs)
+        return attention(q, k, v, self.heads, self.permute, self.softmax)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

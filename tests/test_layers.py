@@ -430,18 +430,26 @@ def test_softmax_kernel_and_its_gradient_match_torch(mode):
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("kernel", ["1", "0"])
 @pytest.mark.parametrize(
-    "b, lq, lk, heads, d",
-    [(3, 14, 14, 2, 8), (2, 600, 300, 3, 16), (1, 40, 1, 2, 4)],  # temporal-like; query rows in blocks; one key
-)
-def test_attention_matches_torch_with_gradients(monkeypatch, mode, kernel, b, lq, lk, heads, d):
+    "b, lq, lk, heads, d, first",
+    [  # temporal-like; query rows in blocks; one key; channels first (the VAE's), one head and, with the kernel, two
+        (3, 14, 14, 2, 8, False), (2, 600, 300, 3, 16, False), (1, 40, 1, 2, 4, False), (2, 600, 600, 1, 8, True),
+        (2, 30, 30, 2, 4, True),
+    ],
+)  # fmt: skip
+def test_attention_matches_torch_with_gradients(monkeypatch, mode, kernel, b, lq, lk, heads, d, first):
     """The Attention cell (the fused kernel, or the permutations, BatchMatMul and softmax without it) against torch's
-    scaled_dot_product_attention on heads packed as (B, L, H*D), with the gradients of q, k and v."""
+    scaled_dot_product_attention on heads packed as (B, L, H*D), or (B, H*D, L) channels first, with the gradients
+    of q, k and v."""
     monkeypatch.setenv("SVD_ATTENTION_KERNEL", kernel)
     kernels.attention_op.cache_clear()
     from modules.layers import Attention
 
     ms.set_context(mode=mode)
-    cell = Attention(heads)
+    if first and heads > 1 and not (kernel == "1" and kernels.enabled()):
+        with pytest.raises(ValueError, match="one head"):
+            Attention(heads, channels_first=True)
+        return
+    cell = Attention(heads, channels_first=first)
     assert (cell.fused is not None) == (kernel == "1" and kernels.enabled())
     rng = np.random.default_rng(10)
     q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) * 2 for n in (lq, lk, lk))
@@ -454,12 +462,17 @@ def test_attention_matches_torch_with_gradients(monkeypatch, mode, kernel, b, lq
     yt = torch.nn.functional.scaled_dot_product_attention(split(qt), split(kt), split(vt))
     yt = yt.transpose(1, 2).reshape(b, lq, heads * d)
     (yt * torch.from_numpy(dy).double()).sum().backward()
+    ref_grads = [t.grad.numpy() for t in (qt, kt, vt)]
+    if first:  # the same problem with every tensor transposed to (B, H*D, L); so are the gradients
+        q, k, v, dy = (np.ascontiguousarray(a.transpose(0, 2, 1)) for a in (q, k, v, dy))
+        yt = yt.transpose(1, 2)
+        ref_grads = [g.transpose(0, 2, 1) for g in ref_grads]
 
     def loss(q_, k_, v_):
         return (cell(q_, k_, v_) * Tensor(dy)).sum()
 
     np.testing.assert_allclose(cell(Tensor(q), Tensor(k), Tensor(v)).asnumpy(), yt.detach(), rtol=1e-4, atol=1e-5)
     grads = ms.grad(loss, (0, 1, 2))(Tensor(q), Tensor(k), Tensor(v))
-    for ours, ref in zip(grads, (qt, kt, vt)):
-        np.testing.assert_allclose(ours.asnumpy(), ref.grad.numpy(), rtol=1e-4, atol=1e-4)
+    for ours, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(ours.asnumpy(), ref, rtol=1e-4, atol=1e-4)
     kernels.attention_op.cache_clear()

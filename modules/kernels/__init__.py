@@ -49,6 +49,7 @@ from mindspore.ops import signature as sig
 __all__ = [
     "add_rows_op",
     "attention_op",
+    "attention_options",
     "conv2d_op",
     "conv_geometry",
     "enabled",
@@ -513,12 +514,13 @@ def _linear_ops(lib: str, bias: bool):
 
 
 @functools.cache
-def attention_op(heads: int):
-    """`op(q, k, v, heads_tensor)`: multi-head softmax attention of float32 q (B, Lq, H*D) to k and v (B, Lk, H*D),
+def attention_op(heads: int, channels_first: bool = False):
+    """`op(q, k, v, options)`: multi-head softmax attention of float32 q (B, Lq, H*D) to k and v (B, Lk, H*D),
     giving (B, Lq, H*D), in one oneDNN-library kernel that reads each head in place and never holds the whole score
-    tensor (`onednn.cc`); `heads_tensor` is the (1,) int64 tensor of `heads`. Its gradient recomputes the
-    probabilities with MindSpore's BatchMatMul and the permutation and softmax kernels. None where those kernels are
-    not used, or with SVD_ATTENTION_KERNEL=0."""
+    tensor (`onednn.cc`); `options` is the int64 tensor `attention_options(heads, channels_first)`. With
+    `channels_first` every tensor is (B, H*D, L). Its gradient recomputes the probabilities with MindSpore's
+    BatchMatMul and the permutation and softmax kernels. None where those kernels are not used, or with
+    SVD_ATTENTION_KERNEL=0."""
     if not _on_cpu() or os.environ.get("SVD_ATTENTION_KERNEL", "1") == "0" or library() is None:
         return None
     lib = onednn_library()
@@ -526,26 +528,36 @@ def attention_op(heads: int):
         return None
     _set_threads(lib, _threads())
     to_heads, axes = permute_op((0, 2, 1, 3))  # its own inverse
+    swap, swap_axes = permute_op((0, 2, 1))
     softmax = softmax_op()
     softmax_grad = ops.Custom(f"{library()}:SoftmaxBackward", _like_first, _like_first, func_type="aot")
     matmul, matmul_nt, matmul_tn = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True), ops.BatchMatMul(True)
 
     def split(x):  # (B, L, H*D) -> (B, H, L, D)
+        if channels_first:
+            x = swap(x, swap_axes)
         return to_heads(x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads), axes)
 
     def merge(x):  # (B, H, L, D) -> (B, L, H*D)
-        return to_heads(x, axes).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+        x = to_heads(x, axes).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+        return swap(x, swap_axes) if channels_first else x
 
-    def bprop(q, k, v, heads_tensor, out, dout):
-        scale = (q.shape[2] // heads) ** -0.5
+    def bprop(q, k, v, options, out, dout):
+        scale = (q.shape[1 if channels_first else 2] // heads) ** -0.5
         qh, kh, vh, dh = split(q), split(k), split(v), split(dout)
         p = softmax(matmul_nt(qh, kh) * scale)
         ds = softmax_grad(p, matmul_nt(dh, vh)) * scale
-        return merge(matmul(ds, kh)), merge(matmul_tn(ds, qh)), merge(matmul_tn(p, dh)), ops.zeros_like(heads_tensor)
+        return merge(matmul(ds, kh)), merge(matmul_tn(ds, qh)), merge(matmul_tn(p, dh)), ops.zeros_like(options)
 
     op = ops.Custom(f"{lib}:AttentionForward", _like_first, _like_first, func_type="aot", bprop=bprop)
-    op.add_prim_attr("heads", heads)  # one primitive per head count (see conv2d_op)
+    op.add_prim_attr("heads", heads)  # one primitive per head count and layout (see conv2d_op)
+    op.add_prim_attr("channels_first", channels_first)
     return op
+
+
+def attention_options(heads: int, channels_first: bool = False):
+    """The options input of `attention_op`: (heads, channels first) as int64."""
+    return ms.Tensor([heads, int(channels_first)], ms.int64)
 
 
 def release_conv_memory() -> None:

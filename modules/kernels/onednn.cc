@@ -644,14 +644,18 @@ void SoftmaxRows(float *s, int64_t rows, int64_t len) {
   }
 }
 
-// params: q (B, Lq, H*D), k and v (B, Lk, H*D), heads (1,) int64; out (B, Lq, H*D) = softmax(q k^T / sqrt(D)) v
-// per head.
+// params: q (B, Lq, H*D), k and v (B, Lk, H*D), options (heads, channels first) int64; out (B, Lq, H*D) =
+// softmax(q k^T / sqrt(D)) v per head. Channels first, every tensor is (B, H*D, L) instead (the VAE's attention on
+// (B, C, H*W)): the GEMMs read and write the transposes.
 int Attention(void **params, int *ndims, int64_t **shapes) {
-  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3) return 1;
-  const int64_t b = shapes[0][0], lq = shapes[0][1], inner = shapes[0][2], lk = shapes[1][1];
-  const int64_t heads = *static_cast<const int64_t *>(params[3]);
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 1 || shapes[3][0] != 2) return 1;
+  const int64_t *options = static_cast<const int64_t *>(params[3]);
+  const int64_t heads = options[0];
+  const bool first = options[1] != 0;
+  const int64_t b = shapes[0][0], lq = shapes[0][first ? 2 : 1], inner = shapes[0][first ? 1 : 2],
+                lk = shapes[1][first ? 2 : 1];
   for (int i = 1; i < 3; ++i)
-    if (shapes[i][0] != b || shapes[i][1] != lk || shapes[i][2] != inner) return 1;
+    if (shapes[i][0] != b || shapes[i][first ? 2 : 1] != lk || shapes[i][first ? 1 : 2] != inner) return 1;
   if (heads < 1 || inner % heads != 0 || lk < 1) return 1;
   const int64_t d = inner / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -667,18 +671,28 @@ int Attention(void **params, int *ndims, int64_t **shapes) {
     const int64_t i = item / (heads * blocks), h = item / blocks % heads, r0 = item % blocks * block;
     const int64_t rows = std::min(block, lq - r0);
     if (scores.size() < static_cast<size_t>(rows * lk)) scores.resize(rows * lk);
-    const float *qi = q + (i * lq + r0) * inner + h * d, *ki = k + i * lk * inner + h * d,
-                *vi = v + i * lk * inner + h * d;
-    float *oi = out + (i * lq + r0) * inner + h * d;
-    if (dnnl::threadpool_interop::sgemm('N', 'T', rows, lk, d, scale, qi, inner, ki, inner, 0.0f, scores.data(), lk,
-                                        &one) != dnnl::status::success) {
-      failed = 1;
-      return;
+    float *s = scores.data();
+    dnnl::status ok;
+    if (first) {  // head h is rows h*D.. of each (H*D, L) plane; query row r is column r
+      const float *qi = q + (i * inner + h * d) * lq + r0, *ki = k + (i * inner + h * d) * lk,
+                  *vi = v + (i * inner + h * d) * lk;
+      float *oi = out + (i * inner + h * d) * lq + r0;
+      ok = dnnl::threadpool_interop::sgemm('T', 'N', rows, lk, d, scale, qi, lq, ki, lk, 0.0f, s, lk, &one);
+      if (ok == dnnl::status::success) {
+        SoftmaxRows(s, rows, lk);
+        ok = dnnl::threadpool_interop::sgemm('N', 'T', d, rows, lk, 1.0f, vi, lk, s, lk, 0.0f, oi, lq, &one);
+      }
+    } else {  // head h is columns h*D.. of each (L, H*D) row
+      const float *qi = q + (i * lq + r0) * inner + h * d, *ki = k + i * lk * inner + h * d,
+                  *vi = v + i * lk * inner + h * d;
+      float *oi = out + (i * lq + r0) * inner + h * d;
+      ok = dnnl::threadpool_interop::sgemm('N', 'T', rows, lk, d, scale, qi, inner, ki, inner, 0.0f, s, lk, &one);
+      if (ok == dnnl::status::success) {
+        SoftmaxRows(s, rows, lk);
+        ok = dnnl::threadpool_interop::sgemm('N', 'N', rows, d, lk, 1.0f, s, lk, vi, inner, 0.0f, oi, inner, &one);
+      }
     }
-    SoftmaxRows(scores.data(), rows, lk);
-    if (dnnl::threadpool_interop::sgemm('N', 'N', rows, d, lk, 1.0f, scores.data(), lk, vi, inner, 0.0f, oi, inner,
-                                        &one) != dnnl::status::success)
-      failed = 1;
+    if (ok != dnnl::status::success) failed = 1;
   });
   return failed.load() ? 2 : 0;
 }
@@ -712,7 +726,7 @@ extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_
   return Guard(nparam, 6, BackwardWeights, params, ndims, shapes);
 }
 
-// (q, k, v, heads) -> out; see `Attention`.
+// (q, k, v, options) -> out; see `Attention`.
 extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                 void *) {
   return Locked(nparam, 5, [&] { return Attention(params, ndims, shapes); });
