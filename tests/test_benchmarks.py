@@ -152,3 +152,26 @@ def test_conv_benchmark_counts_the_unets_convolutions():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("convolutions of one UNet evaluation: 2 x 2 frames of 64x64, 110 calls")
     assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]
+
+
+def test_attention_benchmark_counts_the_self_attentions():
+    """The shapes follow the SVD UNet: at 2 x 14 frames of 128x128, 32 self-attentions (16 spatial, 16 temporal: the
+    fused kernel's calls in the profile of one evaluation) and the VAE decoder's one single-head attention over the
+    latent's pixels; and a small case runs on both sides, for the VAE's alone too."""
+    from benchmarks.bench_attention import shapes
+    from benchmarks.harness import Case
+
+    svd = Case("configs/svd.yaml", frames=14, height=128, width=128, extra={"vae_only": False})
+    unet = [s for s in shapes(svd) if not s[4]]
+    assert sum(s[-1] for s in unet) == 32
+    assert (28, 256, 5, 64, False, 5) in unet and (512, 14, 5, 64, False, 5) in unet
+    assert shapes(svd)[-1] == (14, 256, 1, 512, True, 1)
+    root = pathlib.Path(__file__).parents[1]
+    for only in ([], ["--vae_only"]):
+        small = ["--frames", "2", "--height", "64", "--width", "64", "--runs", "1", *only]
+        out = subprocess.run([sys.executable, "benchmarks/bench_attention.py", *small], cwd=root, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.splitlines()
+        assert ("VAE decoder" in lines[0]) == bool(only) and "2 frames of 64x64" in lines[0]
+        assert lines[-1].startswith("ours_s=") and " ratio=" in lines[-1]

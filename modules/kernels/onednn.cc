@@ -623,7 +623,7 @@ void GemmForward(const Geometry &g, void **params) {
 // of scores with one single-threaded GEMM, takes the softmax of each row in place and multiplies by V with a second
 // GEMM. A block holds at most kScoreFloats scores (at least kMinQueryRows rows), so the whole (B, H, Lq, Lk) score
 // tensor never exists: at 576x1024 the first level's self-attention would need 17 GB for it per frame batch of 25.
-constexpr int64_t kScoreFloats = 1 << 17;
+constexpr int64_t kScoreFloats = 1 << 20;
 constexpr int64_t kMinQueryRows = 16;
 
 // Softmax of each of `rows` rows of `len` values, in place.
