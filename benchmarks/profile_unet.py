@@ -46,8 +46,9 @@ def _our_kind(op_type: str, scope: list[str]) -> str:
             "LayerNorm": "normalisation",
             "GEGLU": "elementwise",
             "GELU": "elementwise",
-            "Attention": "attention",  # the fused attention kernel
-            "CrossAttention": "attention",  # the softmax kernel
+            "Attention": "attention",  # the fused attention kernel (or the softmax kernel without it)
+            "CrossAttention": "elementwise",  # the add-rows kernel of a one-token cross-attention's residual
+            "SpatialVideoTransformer": "elementwise",  # the add-rows kernel of the frame-index embedding
             "MultiheadSelfAttention": "attention",
         }.get(owner, "other")
     if op_type in ("MatMul", "BiasAdd"):
