@@ -75,7 +75,8 @@ def test_profile_sorts_our_operators_into_kinds():
     assert profile_unet._our_kind("BatchMatMul", ["attn1-CrossAttention", "BatchMatMul-op1"]) == "attention"
     grad = ["to_q-Linear", "Grad_Custom", "Custom-op9"]  # a compiled kernel's gradient: the cell above it
     assert profile_unet._our_kind("Custom", grad) == "fully connected"
-    assert profile_unet._our_kind("Custom", ["attn1-CrossAttention", "Grad_Custom", "Custom-op2"]) == "attention"
+    assert profile_unet._our_kind("Custom", ["attention-Attention", "Grad_Custom", "Custom-op2"]) == "attention"
+    assert profile_unet._our_kind("Custom", ["attn2-CrossAttention", "Custom-op6"]) == "elementwise"  # add-rows
     assert profile_unet._our_kind("Custom", ["Default", "updater-Updater", "Custom-op7"]) == "optimizer"
     assert profile_unet._ref_kind("aten::lerp_") == profile_unet._ref_kind("aten::linalg_vector_norm") == "optimizer"
     assert profile_unet._ref_kind("aten::mkldnn_convolution") == "convolution"
