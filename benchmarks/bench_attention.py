@@ -56,22 +56,28 @@ def ours(case: Case) -> Measurement:
 
     harness.mindspore_setup(case)
     from modules.layers import Attention
-    from modules.memory import peak_memory_mb
 
     rng = np.random.default_rng(0)
     calls = []
     for b, n, heads, d, first, count in shapes(case):
-        q, k, v = (Tensor(rng.standard_normal(_layout(b, n, heads, d, first), dtype=np.float32)) for _ in range(3))
-        calls.append((Attention(heads, channels_first=first), q, k, v, count))
+        qkv = tuple(Tensor(rng.standard_normal(_layout(b, n, heads, d, first), dtype=np.float32)) for _ in range(3))
+        calls.append((Attention(heads, channels_first=first), qkv, count))
+    return harness.time_our_calls(case, calls)
 
-    def run():
-        for cell, q, k, v, count in calls:
-            for _ in range(count):
-                y = cell(q, k, v)
-        return y.asnumpy()  # the calls run in order: reading the last output waits for all
 
-    times, first = harness.timed(run, case.runs, case.warmup)
-    return Measurement(times, first, peak_memory_mb())
+def _sdpa(q, k, v, heads: int, first: bool):
+    """torch's SDPA on q, k, v laid out as our cell takes them, with the heads split and merged as diffusers does:
+    (B, L, H*D), or (B, C, L) channels first."""
+    import torch
+
+    def split(x):  # -> (B, H, L, D)
+        if first:
+            x = x.transpose(1, 2)
+        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    y = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    y = y.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] if first else q.shape[2])
+    return y.transpose(1, 2).contiguous() if first else y
 
 
 def ref(case: Case) -> Measurement:
@@ -80,26 +86,9 @@ def ref(case: Case) -> Measurement:
     harness.torch_setup(case)
     calls = []
     for b, n, heads, d, first, count in shapes(case):
-        q, k, v = (torch.randn(_layout(b, n, heads, d, first)) for _ in range(3))
-        calls.append((q, k, v, heads, first, count))
-
-    def split(x, heads, first):  # as diffusers does: (B, L, H*D) or (B, C, L) -> (B, H, L, D)
-        if first:
-            x = x.transpose(1, 2)
-        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-    def run():
-        with torch.inference_mode():
-            for q, k, v, heads, first, count in calls:
-                for _ in range(count):
-                    y = torch.nn.functional.scaled_dot_product_attention(*(split(t, heads, first) for t in (q, k, v)))
-                    y = y.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] if first else q.shape[2])
-                    if first:
-                        y = y.transpose(1, 2).contiguous()
-        return y
-
-    times, first_s = harness.timed(run, case.runs, case.warmup)
-    return Measurement(times, first_s, harness.torch_peak_mb(), gflop=gflop(case))
+        qkv = tuple(torch.randn(_layout(b, n, heads, d, first)) for _ in range(3))
+        calls.append((_sdpa, (*qkv, heads, first), count))
+    return harness.time_ref_calls(case, calls, gflop(case))
 
 
 def describe(case: Case) -> str:

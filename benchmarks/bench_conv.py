@@ -15,6 +15,7 @@ ratio=...` (median seconds for all calls).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -66,25 +67,16 @@ def ours(case: Case) -> Measurement:
 
     harness.mindspore_setup(case)
     from modules.layers import Conv2d, TemporalConv
-    from modules.memory import peak_memory_mb
 
     rng = np.random.default_rng(0)
-    cells = []
-    for kind, x, wt, stride, calls in shapes(case):
+    calls = []
+    for kind, x, wt, stride, count in shapes(case):
         if kind == "3d":
             cell = TemporalConv(wt[1], wt[0], (3, 1, 1))
         else:
             cell = Conv2d(wt[1], wt[0], wt[2], stride=stride, padding=_padding(kind, wt))
-        cells.append((cell, Tensor(rng.standard_normal(x, dtype=np.float32)), calls))
-
-    def run():
-        for cell, x, calls in cells:
-            for _ in range(calls):
-                y = cell(x)
-        return y.asnumpy()  # the calls run in order: reading the last (small) output waits for all
-
-    times, first = harness.timed(run, case.runs, case.warmup)
-    return Measurement(times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops())
+        calls.append((cell, (Tensor(rng.standard_normal(x, dtype=np.float32)),), count))
+    return harness.time_our_calls(case, calls)
 
 
 def ref(case: Case) -> Measurement:
@@ -92,22 +84,11 @@ def ref(case: Case) -> Measurement:
     import torch.nn.functional as F
 
     harness.torch_setup(case)
-    convs = []
-    for kind, x, wt, stride, calls in shapes(case):
-        fn = F.conv3d if kind == "3d" else F.conv2d
-        convs.append((fn, torch.randn(x), torch.randn(wt), torch.randn(wt[0]), stride, _padding(kind, wt), calls))
-
-    def run():
-        with torch.inference_mode():
-            for fn, x, wt, b, stride, padding, calls in convs:
-                for _ in range(calls):
-                    y = fn(x, wt, b, stride=stride, padding=padding)
-        return y
-
-    times, first = harness.timed(run, case.runs, case.warmup)
-    return Measurement(
-        times, first, harness.torch_peak_mb(), gflop=gflop(case), matmul_gflops=harness.torch_matmul_gflops()
-    )
+    calls = []
+    for kind, x, wt, stride, count in shapes(case):
+        conv = functools.partial(F.conv3d if kind == "3d" else F.conv2d, stride=stride, padding=_padding(kind, wt))
+        calls.append((conv, (torch.randn(x), torch.randn(wt), torch.randn(wt[0])), count))
+    return harness.time_ref_calls(case, calls, gflop(case))
 
 
 def describe(case: Case) -> str:

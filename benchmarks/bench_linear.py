@@ -47,40 +47,22 @@ def ours(case: Case) -> Measurement:
 
     harness.mindspore_setup(case)
     from modules.layers import Linear
-    from modules.memory import peak_memory_mb
 
     rng = np.random.default_rng(0)
-    layers = [
-        (Linear(k, n), Tensor(rng.standard_normal((m, k), dtype=np.float32)), calls) for m, k, n, calls in shapes(case)
+    calls = [
+        (Linear(k, n), (Tensor(rng.standard_normal((m, k), dtype=np.float32)),), count)
+        for m, k, n, count in shapes(case)
     ]
-
-    def run():
-        for layer, x, calls in layers:
-            for _ in range(calls):
-                y = layer(x)
-        return y.asnumpy()  # the calls run in order: reading the last (small) output waits for all
-
-    times, first = harness.timed(run, case.runs, case.warmup)
-    return Measurement(times, first, peak_memory_mb(), matmul_gflops=harness.mindspore_matmul_gflops())
+    return harness.time_our_calls(case, calls)
 
 
 def ref(case: Case) -> Measurement:
     import torch
 
     harness.torch_setup(case)
-    layers = [(torch.randn(m, k), torch.randn(n, k), torch.randn(n), calls) for m, k, n, calls in shapes(case)]
-
-    def run():
-        with torch.inference_mode():
-            for x, w, b, calls in layers:
-                for _ in range(calls):
-                    y = torch.nn.functional.linear(x, w, b)
-        return y
-
-    times, first = harness.timed(run, case.runs, case.warmup)
-    return Measurement(
-        times, first, harness.torch_peak_mb(), gflop=gflop(case), matmul_gflops=harness.torch_matmul_gflops()
-    )
+    linear = torch.nn.functional.linear
+    calls = [(linear, (torch.randn(m, k), torch.randn(n, k), torch.randn(n)), count) for m, k, n, count in shapes(case)]
+    return harness.time_ref_calls(case, calls, gflop(case))
 
 
 def describe(case: Case) -> str:

@@ -103,6 +103,36 @@ def timed(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[obje
     return times, first
 
 
+def time_our_calls(case: Case, calls: list[tuple[Callable, tuple, int]]) -> Measurement:
+    """Ours timed on operator calls alone: one run calls each (cell, inputs, count) of `calls` `count` times, in
+    order; reading the last (small) output back waits for them all."""
+    from modules.memory import peak_memory_mb
+
+    def run():
+        for cell, args, count in calls:
+            for _ in range(count):
+                y = cell(*args)
+        return y.asnumpy()
+
+    times, first = timed(run, case.runs, case.warmup)
+    return Measurement(times, first, peak_memory_mb(), matmul_gflops=mindspore_matmul_gflops())
+
+
+def time_ref_calls(case: Case, calls: list[tuple[Callable, tuple, int]], gflop: float) -> Measurement:
+    """The reference side of `time_our_calls`, under torch.inference_mode; `gflop` is what one run computes."""
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            for fn, args, count in calls:
+                for _ in range(count):
+                    y = fn(*args)
+        return y
+
+    times, first = timed(run, case.runs, case.warmup)
+    return Measurement(times, first, torch_peak_mb(), gflop=gflop, matmul_gflops=torch_matmul_gflops())
+
+
 def timed_after_build(fn: Callable[[], object], runs: int, warmup: int, build_peak_mb: float):
     """`timed`, with the peak memory of the calls alone: (times, warmup seconds, notes). On Linux the notes hold
     `generation_peak_mb` (the peak count restarted before the calls, so what is held then still counts) and
