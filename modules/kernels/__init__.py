@@ -24,10 +24,10 @@
   MindSpore's Transpose, and the SVD UNet's graph peaks 2.2 GB lower with it.
 
 The sources are built with g++ at first use into one library in a cache folder (`$XDG_CACHE_HOME/svd_mindspore`,
-else `~/.cache/svd_mindspore`), once per source, compiler flags and CPU, and loaded as MindSpore AOT custom
-operators. Where they cannot be used (the device is not the CPU, no g++, a glibc older than 2.35, or
-`SVD_CPU_KERNELS=0`), the op factories return None and the layers use MindSpore's own operators, whose results agree
-to float32 rounding.
+else `~/.cache/svd_mindspore`), once per source (and the headers beside them), compiler flags and CPU, and loaded
+as MindSpore AOT custom operators. Where they cannot be used (the device is not the CPU, no g++, a glibc older than
+2.35, or `SVD_CPU_KERNELS=0`), the op factories return None and the layers use MindSpore's own operators, whose
+results agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def _build(stem: str, sources: list[str], flags: list[str]) -> str | None:
     """Path of the library built from `sources` with `flags`, building it on the first call; None (with a warning) if
     it cannot be built or loaded."""
     key = hashlib.sha256()
-    for source in sources:
+    headers = sorted(os.path.join(_HERE, name) for name in os.listdir(_HERE) if name.endswith(".h"))
+    for source in [*sources, *headers]:  # the headers they may include: a change to one rebuilds
         with open(source, "rb") as f:
             key.update(f.read())
     key.update(" ".join(flags).encode() + _cpu_flags().encode())  # -march=native: one build per CPU kind

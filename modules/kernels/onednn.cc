@@ -39,8 +39,7 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "oneapi/dnnl/dnnl_threadpool.hpp"
-
-extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));  // glibc's libmvec has the vector form
+#include "softmax_row.h"
 
 namespace {
 
@@ -626,24 +625,6 @@ void GemmForward(const Geometry &g, void **params) {
 constexpr int64_t kScoreFloats = 1 << 20;
 constexpr int64_t kMinQueryRows = 16;
 
-// Softmax of each of `rows` rows of `len` values, in place.
-void SoftmaxRows(float *s, int64_t rows, int64_t len) {
-  for (int64_t r = 0; r < rows; ++r, s += len) {
-    float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < len; ++j) top = s[j] > top ? s[j] : top;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      s[j] = expf(s[j] - top);
-      sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) s[j] *= inv;
-  }
-}
-
 // params: q (B, Lq, H*D), k and v (B, Lk, H*D), options (heads, channels first) int64; out (B, Lq, H*D) =
 // softmax(q k^T / sqrt(D)) v per head. Channels first, every tensor is (B, H*D, L) instead (the VAE's attention on
 // (B, C, H*W)): the GEMMs read and write the transposes.
@@ -679,7 +660,7 @@ int Attention(void **params, int *ndims, int64_t **shapes) {
       float *oi = out + (i * inner + h * d) * lq + r0;
       ok = dnnl::threadpool_interop::sgemm('T', 'N', rows, lk, d, scale, qi, lq, ki, lk, 0.0f, s, lk, &one);
       if (ok == dnnl::status::success) {
-        SoftmaxRows(s, rows, lk);
+        for (int64_t r = 0; r < rows; ++r) SoftmaxRow(s + r * lk, s + r * lk, lk);
         ok = dnnl::threadpool_interop::sgemm('N', 'T', d, rows, lk, 1.0f, vi, lk, s, lk, 0.0f, oi, lq, &one);
       }
     } else {  // head h is columns h*D.. of each (L, H*D) row
@@ -688,7 +669,7 @@ int Attention(void **params, int *ndims, int64_t **shapes) {
       float *oi = out + (i * lq + r0) * inner + h * d;
       ok = dnnl::threadpool_interop::sgemm('N', 'T', rows, lk, d, scale, qi, inner, ki, inner, 0.0f, s, lk, &one);
       if (ok == dnnl::status::success) {
-        SoftmaxRows(s, rows, lk);
+        for (int64_t r = 0; r < rows; ++r) SoftmaxRow(s + r * lk, s + r * lk, lk);
         ok = dnnl::threadpool_interop::sgemm('N', 'N', rows, d, lk, 1.0f, s, lk, vi, inner, 0.0f, oi, inner, &one);
       }
     }

@@ -1,15 +1,14 @@
 // Softmax over the last axis of a float32 tensor and its gradient, for MindSpore's CPU backend as AOT custom
 // operators: the attention probabilities. MindSpore's softmax gradient is three operators (a multiply, a
 // reduction and a subtract-multiply; 50 ms of a 0.68 s svd_small training step against 12 ms for the forward).
-// Here each row is one pass for its sum and one for its result, the rows split between the threads; exp is
-// glibc's vectorised expf (libmvec).
+// Here each row is a pass for its maximum, one for its sum and one for its result (`softmax_row.h`), the rows split
+// between the threads.
 //
 // Entry points have MindSpore's AOT signature: params holds the inputs, then the outputs.
 
-#include <cmath>
 #include <cstdint>
 
-extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
+#include "softmax_row.h"
 
 namespace {
 
@@ -33,23 +32,7 @@ extern "C" int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **s
   const int64_t len = shapes[0][ndims[0] - 1];
   const int64_t rows = Rows(ndims[0], shapes[0]);
 #pragma omp parallel for schedule(static) if (rows * len >= kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * len;
-    float *yr = y + r * len;
-    float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < len; ++j) top = xr[j] > top ? xr[j] : top;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      const float e = expf(xr[j] - top);
-      yr[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) yr[j] *= inv;
-  }
+  for (int64_t r = 0; r < rows; ++r) SoftmaxRow(x + r * len, y + r * len, len);
   return 0;
 }
 
