@@ -1,5 +1,5 @@
 """The fully connected layers of one SVD UNet evaluation, alone: ours (modules.layers.Linear, graph mode by default:
-the oneDNN matmul of modules/kernels) against torch.nn.functional.linear, on the same shapes and call counts.
+the oneDNN 3 matmul of modules/kernels) against torch.nn.functional.linear, on the same shapes and call counts.
 
     python benchmarks/bench_linear.py                     # SVD's guidance batch, 2 x 14 frames at 128x128
     python benchmarks/bench_linear.py --frames 25 --height 576 --width 1024 --side ours
@@ -53,7 +53,25 @@ def ours(case: Case) -> Measurement:
         (Linear(k, n), (Tensor(rng.standard_normal((m, k), dtype=np.float32)),), count)
         for m, k, n, count in shapes(case)
     ]
-    return harness.time_our_calls(case, calls)
+    measured = harness.time_our_calls(case, calls)
+    measured.notes["kernel"] = kernel_name(*shapes(case)[0][:3])
+    return measured
+
+
+def kernel_name(m: int, k: int, n: int) -> str:
+    """What runs our forward matmul of m x k by k x n: oneDNN 3's implementation, `onednn 2.2` or `MindSpore`."""
+    import ctypes
+
+    from modules import kernels
+
+    if kernels.linear_op(True) is None:
+        return "MindSpore"
+    lib = kernels.linear_op(True).func.rsplit(":", 1)[0]
+    if lib != kernels.matmul_library():
+        return "oneDNN 2.2"
+    impl = ctypes.CDLL(lib).SvdMatmulImpl
+    impl.restype, impl.argtypes = ctypes.c_char_p, [ctypes.c_int] + [ctypes.c_int64] * 3
+    return "oneDNN 3 " + impl(0, m, k, n).decode()
 
 
 def ref(case: Case) -> Measurement:

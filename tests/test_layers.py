@@ -326,19 +326,27 @@ def test_layer_norm_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
 
 
 @pytest.mark.parametrize("mode", [0, 1])
-@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("kernel", ["dnnl3", "dnnl2", None])
 def test_linear_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
-    """Linear with the oneDNN matmul (where it builds) and with MindSpore's MatMul: 2-D, 3-D and 4-D inputs, with
-    and without bias, on float32, float16 and transposed-view inputs; output and the gradients of input, weight and
-    bias against torch in float64. The shapes differ in every axis, so a swapped dimension cannot pass."""
+    """Linear with oneDNN 3's matmul (`matmul.cc`), with oneDNN 2.2's (`onednn.cc`) and with MindSpore's MatMul:
+    2-D, 3-D and 4-D inputs, with and without bias, on float32, float16 and transposed-view inputs; output and the
+    gradients of input, weight and bias against torch in float64. The shapes differ in every axis, so a swapped
+    dimension cannot pass."""
     from modules.layers import Linear
 
     ms.set_context(mode=mode)
     monkeypatch.setenv("SVD_LINEAR_KERNEL", "1" if kernel else "0")
+    monkeypatch.setenv("SVD_LINEAR_DNNL3", "0" if kernel == "dnnl2" else "1")
+    if kernel is not None and shutil.which("g++") is None:
+        pytest.skip("the CPU kernels need g++")
+    library = {"dnnl3": kernels.matmul_library, "dnnl2": kernels.onednn_library, None: lambda: None}[kernel]()
+    assert (library is None) == (kernel is None)
     rng = np.random.default_rng(7)
     for shape, out, bias in (((5, 6), 4, True), ((2, 3, 6), 7, True), ((2, 3, 4, 6), 5, False)):
         cell = Linear(shape[-1], out, bias=bias)
-        assert (cell.kernel is not None) == (kernel and kernels.onednn_library() is not None)
+        assert (cell.kernel is None) == (kernel is None)
+        if kernel is not None:
+            assert cell.kernel.func.startswith(library + ":Linear")
         for p in cell.trainable_params():
             p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
         x = rng.standard_normal(shape).astype(np.float32)

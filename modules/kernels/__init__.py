@@ -6,10 +6,12 @@
   library, on all cores.
 - GroupNorm, alone or followed by SiLU (`group_norm.cc`): three passes over memory where MindSpore's operators take
   about ten; the VAE's decoder and every ResBlock run it on their largest activations.
-- Convolutions and fully connected layers through oneDNN (`onednn.cc`, linked to the libdnnl inside MindSpore): its
-  blocked direct and Winograd convolutions, and its matmul with the bias added in the GEMM's epilogue, on inputs of
-  any rank as they are (MindSpore's MatMul is as fast alone, but a Linear also needs a BiasAdd pass over the output
-  and, in a graph, reshapes that copy).
+- Convolutions through oneDNN (`onednn.cc`, linked to the oneDNN 2.2 inside MindSpore): its blocked direct and
+  Winograd convolutions.
+- Fully connected layers through oneDNN 3's matmul (`matmul.cc`, linked to the libdnnl.so.3 of the `onednn-cpu-gomp`
+  package): its BRGEMM kernel, 1.2-1.4 times oneDNN 2.2's SGEMM on the SVD UNet's layers, with the bias added in the
+  epilogue, on inputs of any rank as they are (a Linear through MindSpore's MatMul also needs a BiasAdd pass over
+  the output and, in a graph, reshapes that copy). Without that library, oneDNN 2.2's matmul (`onednn.cc`).
 - The optimizer (`optim.cc`): the gradient norm in one read-only pass, and AdamW with the gradient's unscaling,
   clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
   operators take seven passes and gradient-sized temporaries.
@@ -38,6 +40,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import warnings
@@ -59,6 +62,7 @@ __all__ = [
     "layer_norm_op",
     "library",
     "linear_op",
+    "matmul_library",
     "onednn_library",
     "optimizer_ops",
     "permute",
@@ -75,6 +79,7 @@ SOURCES = [
     for name in ("gelu.cc", "group_norm.cc", "permute.cc", "optim.cc", "reduce.cc", "softmax.cc")
 ]
 ONEDNN_SOURCE = os.path.join(_HERE, "onednn.cc")
+MATMUL_SOURCE = os.path.join(_HERE, "matmul.cc")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -167,8 +172,8 @@ def _mindspore_dnnl() -> tuple[str, tuple[int, int]] | None:
 @functools.cache
 def onednn_library() -> str | None:
     """Path of the built oneDNN convolution library (`onednn.cc`), linked to MindSpore's own libdnnl with the
-    headers of the same oneDNN version (the `onednn-devel-cpu-gomp` package of requirements.txt); None, with a
-    warning saying why, where that cannot be done."""
+    headers of the same oneDNN version (the `onednn-devel-cpu-tbb` package of requirements.txt; only its headers
+    are used); None, with a warning saying why, where that cannot be done."""
     shipped = _mindspore_dnnl()
     headers = os.path.join(sysconfig.get_path("data"), "include")
     wanted = _dnnl_version(headers)
@@ -182,6 +187,35 @@ def onednn_library() -> str | None:
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17",
              f"-I{headers}", shipped[0], f"-Wl,-rpath,{lib_dir}", "-pthread"]  # fmt: skip
     return _build("onednn", [ONEDNN_SOURCE], flags)
+
+
+def _dnnl3() -> str | None:
+    """The libdnnl.so.3 that the `onednn-cpu-gomp` package installs under the environment's lib folder."""
+    for prefix in dict.fromkeys([sysconfig.get_path("data"), sys.prefix]):
+        path = os.path.join(prefix, "lib", "libdnnl.so.3")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@functools.cache
+def matmul_library() -> str | None:
+    """Path of the built fully connected layer library (`matmul.cc`), linked to oneDNN 3 (libdnnl.so.3 of the
+    `onednn-cpu-gomp` package); None, with a warning saying why, where that cannot be done."""
+    import ctypes
+
+    dnnl = _dnnl3()
+    if dnnl is None:
+        warnings.warn("oneDNN 3 matmul not built: no libdnnl.so.3 (pip install onednn-cpu-gomp); using oneDNN 2.2's",
+                      stacklevel=2)  # fmt: skip
+        return None
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-fopenmp", dnnl,
+             f"-Wl,-rpath,{os.path.dirname(dnnl)}"]  # fmt: skip
+    lib = _build("matmul", [MATMUL_SOURCE], flags)
+    if lib is not None and (major := ctypes.CDLL(lib).SvdMatmulVersion()) != 3:
+        warnings.warn(f"oneDNN 3 matmul not used: {dnnl} is oneDNN {major}; using oneDNN 2.2's", stacklevel=2)
+        return None
+    return lib
 
 
 def _on_cpu() -> bool:
@@ -416,10 +450,10 @@ def _threads() -> int:
 
 
 @functools.cache
-def _set_threads(lib: str, threads: int) -> None:
+def _set_threads(lib: str, threads: int, setter: str = "SvdConvSetThreads") -> None:
     import ctypes
 
-    ctypes.CDLL(lib).SvdConvSetThreads(threads)
+    getattr(ctypes.CDLL(lib), setter)(threads)
 
 
 def conv2d_op(stride: tuple[int, int], padding: tuple[int, int, int, int]):
@@ -469,10 +503,13 @@ def linear_op(bias: bool):
     Used by default for cells built in graph mode (one SVD UNet evaluation: 10.2 GB peak against 10.5 GB, same
     time); in PyNative it bought no time in a whole generation and raised its peak by about 180 MB (MindSpore's pool
     keeps its high-water mark), so there MindSpore's MatMul stays. SVD_LINEAR_KERNEL=1 uses it in both modes, 0 in
-    neither."""
+    neither. oneDNN 3's matmul (`matmul.cc`) where it builds, unless SVD_LINEAR_DNNL3=0; else oneDNN 2.2's."""
     choice = os.environ.get("SVD_LINEAR_KERNEL", "")
     if not _on_cpu() or choice == "0" or (choice != "1" and ms.get_context("mode") != ms.GRAPH_MODE):
         return None
+    if os.environ.get("SVD_LINEAR_DNNL3", "1") != "0" and (lib := matmul_library()) is not None:
+        _set_threads(lib, _threads(), "SvdMatmulSetThreads")
+        return _linear_ops(lib, bias)
     lib = onednn_library()
     if lib is None:
         return None

@@ -1,0 +1,277 @@
+// Fully connected layers (y = x W^T + b, W (out, in) as PyTorch keeps it) and their gradients through the matmul
+// primitive of oneDNN 3 (libdnnl.so.3 of the `onednn-cpu-gomp` package, OpenMP threads), as AOT custom operators for
+// MindSpore's CPU backend. oneDNN 3 runs an fp32 matmul on AVX-512 cores as `brg:avx512_core`, a BRGEMM kernel
+// that reaches 1.2-1.4 times the `gemm:jit` SGEMM of the oneDNN 2.2 inside MindSpore on the SVD UNet's layers
+// (benchmarks/bench_linear.py). The convolutions stay on oneDNN 2.2 (`onednn.cc`): oneDNN 3 has no Winograd kernel.
+//
+// The two libraries load side by side: each is reached only through its own soname, and MindSpore loads its libdnnl
+// privately. This file declares the few functions of oneDNN 3's C API it calls (opaque handles, a handful of enum
+// values, all part of the library's stable ABI) rather than needing the headers, whose package would overwrite the
+// oneDNN 2.2 headers `onednn.cc` is built with; `SvdMatmulVersion` lets the loader check the library's major version.
+//
+// Entry points have MindSpore's AOT signature, the same as the Linear* entry points of `onednn.cc`: params holds the
+// inputs, then the outputs. float32 only.
+
+#include <omp.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <utility>
+#include <mutex>
+
+extern "C" {
+typedef int dnnl_status_t;  // 0: success
+typedef int64_t dnnl_dim_t;
+typedef dnnl_dim_t dnnl_dims_t[12];
+typedef struct dnnl_engine *dnnl_engine_t;
+typedef struct dnnl_stream *dnnl_stream_t;
+typedef struct dnnl_memory_desc *dnnl_memory_desc_t;
+typedef const struct dnnl_memory_desc *const_dnnl_memory_desc_t;
+typedef struct dnnl_memory *dnnl_memory_t;
+typedef struct dnnl_primitive_desc *dnnl_primitive_desc_t;
+typedef const struct dnnl_primitive_desc *const_dnnl_primitive_desc_t;
+typedef struct dnnl_primitive *dnnl_primitive_t;
+typedef const struct dnnl_primitive *const_dnnl_primitive_t;
+typedef struct dnnl_primitive_attr *dnnl_primitive_attr_t;
+typedef const struct dnnl_primitive_attr *const_dnnl_primitive_attr_t;
+typedef struct {
+  int arg;
+  dnnl_memory_t memory;
+} dnnl_exec_arg_t;
+typedef struct {
+  int major, minor, patch;
+  const char *hash;
+  unsigned cpu_runtime, gpu_runtime;
+} dnnl_version_t;
+
+const dnnl_version_t *dnnl_version(void);
+dnnl_status_t dnnl_engine_create(dnnl_engine_t *engine, int kind, size_t index);
+dnnl_status_t dnnl_stream_create(dnnl_stream_t *stream, dnnl_engine_t engine, unsigned flags);
+dnnl_status_t dnnl_stream_wait(dnnl_stream_t stream);
+dnnl_status_t dnnl_memory_desc_create_with_tag(dnnl_memory_desc_t *desc, int ndims, const dnnl_dims_t dims,
+                                               int data_type, int tag);
+dnnl_status_t dnnl_memory_desc_destroy(dnnl_memory_desc_t desc);
+size_t dnnl_memory_desc_get_size(const_dnnl_memory_desc_t desc);
+dnnl_status_t dnnl_memory_create(dnnl_memory_t *memory, const_dnnl_memory_desc_t desc, dnnl_engine_t engine,
+                                 void *handle);
+dnnl_status_t dnnl_memory_destroy(dnnl_memory_t memory);
+dnnl_status_t dnnl_primitive_attr_create(dnnl_primitive_attr_t *attr);
+dnnl_status_t dnnl_primitive_attr_set_scratchpad_mode(dnnl_primitive_attr_t attr, int mode);
+dnnl_status_t dnnl_primitive_attr_destroy(dnnl_primitive_attr_t attr);
+dnnl_status_t dnnl_matmul_primitive_desc_create(dnnl_primitive_desc_t *pd, dnnl_engine_t engine,
+                                                const_dnnl_memory_desc_t src, const_dnnl_memory_desc_t weights,
+                                                const_dnnl_memory_desc_t bias, const_dnnl_memory_desc_t dst,
+                                                const_dnnl_primitive_attr_t attr);
+const_dnnl_memory_desc_t dnnl_primitive_desc_query_md(const_dnnl_primitive_desc_t pd, int what, int index);
+dnnl_status_t dnnl_primitive_desc_query(const_dnnl_primitive_desc_t pd, int what, int index, void *result);
+dnnl_status_t dnnl_primitive_create(dnnl_primitive_t *primitive, const_dnnl_primitive_desc_t pd);
+dnnl_status_t dnnl_primitive_execute(const_dnnl_primitive_t primitive, dnnl_stream_t stream, int nargs,
+                                     const dnnl_exec_arg_t *args);
+}
+
+namespace {
+
+// Enum values of oneDNN 3's C API.
+constexpr int kCpu = 1;               // dnnl_cpu
+constexpr int kInOrder = 1;           // dnnl_stream_in_order
+constexpr int kF32 = 3;               // dnnl_f32
+constexpr int kAb = 3, kBa = 14;      // dnnl_ab (row-major), dnnl_ba (the transpose of a row-major tensor)
+constexpr int kUserScratchpad = 1;    // dnnl_scratchpad_mode_user
+constexpr int kQueryImplInfo = 8;     // dnnl_query_impl_info_str
+constexpr int kQueryExecArg = 255;   // dnnl_query_exec_arg_md: the memory descriptor of an argument
+constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgBias = 41, kArgScratchpad = 80;  // DNNL_ARG_*
+
+struct Error {};
+
+void Check(dnnl_status_t status) {
+  if (status != 0) throw Error{};
+}
+
+struct Runtime {
+  dnnl_engine_t engine = nullptr;
+  dnnl_stream_t stream = nullptr;
+  int threads = 0;
+  std::mutex mutex;  // one call at a time: the primitive cache and the scratch buffer are shared
+  void *scratch = nullptr;
+  size_t scratch_size = 0;
+
+  void *Scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+      std::free(scratch);
+      scratch = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      scratch_size = scratch ? bytes : 0;
+      if (!scratch) throw Error{};
+    }
+    return scratch;
+  }
+};
+
+Runtime &Rt() {
+  static Runtime *rt = [] {
+    auto *r = new Runtime();  // never destroyed, like the library's own state
+    Check(dnnl_engine_create(&r->engine, kCpu, 0));
+    Check(dnnl_stream_create(&r->stream, r->engine, kInOrder));
+    r->threads = omp_get_max_threads();
+    return r;
+  }();
+  return *rt;
+}
+
+// A memory descriptor, destroyed with its owner.
+struct Desc {
+  dnnl_memory_desc_t md = nullptr;
+  Desc(dnnl_dim_t rows, dnnl_dim_t cols, int tag) {
+    dnnl_dims_t dims = {rows, cols};
+    Check(dnnl_memory_desc_create_with_tag(&md, 2, dims, kF32, tag));
+  }
+  ~Desc() { dnnl_memory_desc_destroy(md); }
+  Desc(const Desc &) = delete;
+  Desc &operator=(const Desc &) = delete;
+};
+
+struct Rows {
+  int64_t m, k, n;  // rows, in features, out features
+};
+
+// The rows and last axis of x (..., k), with n out features.
+Rows ReadRows(int xdims, const int64_t *x, int64_t n) {
+  Rows r{1, x[xdims - 1], n};
+  for (int i = 0; i < xdims - 1; ++i) r.m *= x[i];
+  return r;
+}
+
+enum class Kind { kForward, kForwardNoBias, kData, kWeights };
+
+// One matmul primitive, created on first use per kind and shape: `a` (rows, depth) times `b` (depth, cols), plain
+// tensors with the layouts below, plus a bias over the columns for kForward.
+struct Matmul {
+  dnnl_primitive_desc_t pd = nullptr;
+  dnnl_primitive_t run = nullptr;
+  size_t scratch_bytes = 0;
+};
+
+Matmul &Get(Kind kind, const Rows &r) {
+  static std::map<std::array<int64_t, 4>, Matmul> cache;
+  Matmul &mm = cache[{static_cast<int64_t>(kind), r.m, r.k, r.n}];
+  if (mm.run != nullptr) return mm;
+  const bool forward = kind == Kind::kForward || kind == Kind::kForwardNoBias;
+  // forward: y (m, n) = x (m, k) W^T (k, n); data: dx (m, k) = dy (m, n) W (n, k); weights: dW (n, k) = dy^T x
+  const Desc a = forward ? Desc(r.m, r.k, kAb) : kind == Kind::kData ? Desc(r.m, r.n, kAb) : Desc(r.n, r.m, kBa);
+  const Desc b = forward ? Desc(r.k, r.n, kBa) : kind == Kind::kData ? Desc(r.n, r.k, kAb) : Desc(r.m, r.k, kAb);
+  const Desc c = forward ? Desc(r.m, r.n, kAb) : kind == Kind::kData ? Desc(r.m, r.k, kAb) : Desc(r.n, r.k, kAb);
+  const Desc bias(1, r.n, kAb);
+  dnnl_primitive_attr_t attr = nullptr;
+  Check(dnnl_primitive_attr_create(&attr));
+  dnnl_status_t status = dnnl_primitive_attr_set_scratchpad_mode(attr, kUserScratchpad);
+  if (status == 0)
+    status = dnnl_matmul_primitive_desc_create(&mm.pd, Rt().engine, a.md, b.md,
+                                               kind == Kind::kForward ? bias.md : nullptr, c.md, attr);
+  dnnl_primitive_attr_destroy(attr);
+  Check(status);
+  Check(dnnl_primitive_create(&mm.run, mm.pd));
+  mm.scratch_bytes = dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(mm.pd, kQueryExecArg, kArgScratchpad));
+  return mm;
+}
+
+// Runs one matmul (operands as in `Get`) and waits for it.
+void Run(Kind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
+  Runtime &rt = Rt();
+  Matmul &mm = Get(kind, r);
+  const std::array<std::pair<int, void *>, 5> given = {{{kArgSrc, a},
+                                                        {kArgWeights, b},
+                                                        {kArgDst, c},
+                                                        {kArgBias, bias},
+                                                        {kArgScratchpad, mm.scratch_bytes ? rt.Scratch(mm.scratch_bytes) : nullptr}}};
+  dnnl_exec_arg_t args[5];
+  int nargs = 0;
+  dnnl_status_t status = 0;
+  for (const auto &[id, ptr] : given) {
+    if (ptr == nullptr) continue;
+    args[nargs].arg = id;
+    status = dnnl_memory_create(&args[nargs].memory, dnnl_primitive_desc_query_md(mm.pd, kQueryExecArg, id),
+                                rt.engine, ptr);
+    if (status != 0) break;
+    ++nargs;
+  }
+  if (status == 0) {
+    omp_set_num_threads(rt.threads);  // the team size of this calling thread's OpenMP regions
+    status = dnnl_primitive_execute(mm.run, rt.stream, nargs, args);
+    if (status == 0) status = dnnl_stream_wait(rt.stream);
+  }
+  for (int i = 0; i < nargs; ++i) dnnl_memory_destroy(args[i].memory);
+  Check(status);
+}
+
+// Runs `body` one call at a time; 1 for a wrong number of parameters, 2 for any failure (a shape oneDNN rejects,
+// memory exhausted).
+int Locked(int nparam, int expected, const std::function<void()> &body) {
+  if (nparam != expected) return 1;
+  try {
+    Runtime &rt = Rt();
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    body();
+    return 0;
+  } catch (...) {
+    return 2;
+  }
+}
+
+}  // namespace
+
+// The loaded libdnnl's major version (the loader wants 3).
+extern "C" int SvdMatmulVersion() { return dnnl_version()->major; }
+
+// The implementation oneDNN picks for a matmul of m rows, k in and n out features: kind 0 the forward pass with bias,
+// 1 without, 2 the input's gradient, 3 the weight's; empty if it cannot create one. For the benchmarks' notes.
+extern "C" const char *SvdMatmulImpl(int kind, int64_t m, int64_t k, int64_t n) {
+  const char *info = "";
+  Locked(0, 0, [&] {
+    const Matmul &mm = Get(static_cast<Kind>(kind), Rows{m, k, n});
+    Check(dnnl_primitive_desc_query(mm.pd, kQueryImplInfo, 0, &info));
+  });
+  return info;
+}
+
+// Sets the number of OpenMP threads the matmuls run on (the machine's cores until called).
+extern "C" void SvdMatmulSetThreads(int threads) {
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  rt.threads = threads < 1 ? 1 : threads;
+}
+
+// (x (..., k), weight (n, k), bias (n,)) -> y (..., n)
+extern "C" int LinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return Locked(nparam, 4, [&] {
+    Run(Kind::kForward, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], params[2], params[3]);
+  });
+}
+
+// (x (..., k), weight (n, k)) -> y (..., n)
+extern "C" int LinearForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                   void *) {
+  return Locked(nparam, 3, [&] {
+    Run(Kind::kForwardNoBias, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], nullptr, params[2]);
+  });
+}
+
+// (dy (..., n), weight (n, k)) -> dx (..., k)
+extern "C" int LinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                  void *) {
+  return Locked(nparam, 3, [&] {
+    Rows r = ReadRows(ndims[0], shapes[0], shapes[1][0]);
+    r.k = shapes[1][1];  // the rows of dy are those of x; its last axis is n
+    Run(Kind::kData, r, params[0], params[1], nullptr, params[2]);
+  });
+}
+
+// (x (..., k), dy (..., n)) -> dweight (n, k)
+extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                     void *) {
+  return Locked(nparam, 3, [&] {
+    Run(Kind::kWeights, ReadRows(ndims[0], shapes[0], shapes[1][ndims[1] - 1]), params[1], params[0], nullptr,
+        params[2]);
+  });
+}
