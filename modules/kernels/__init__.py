@@ -73,6 +73,16 @@ __all__ = [
     "sum_rows_op",
 ]
 
+# GNU OpenMP's idle threads spin for a while after each parallel region before they sleep (on recent Xeons, where a
+# PAUSE takes about 140 cycles, for milliseconds). Here the OpenMP regions are the fully connected layers' (oneDNN 3)
+# and the elementwise kernels', and what follows them often runs on other threads (MindSpore's operators, the
+# convolutions' pool), which the spinning thread would keep from one of the cores. So idle OpenMP threads sleep at
+# once, unless the user chose otherwise; libgomp reads this when it loads, with the first kernel library. Two
+# profiles of one UNet evaluation, each alternated with the default: 12.09 and 11.50 s of operator time against
+# 12.67 and 12.25 s, the convolutions' and attention's share lower (`benchmarks/profile_unet.py --preset svd`).
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "0"
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [
     os.path.join(_HERE, name)
