@@ -57,6 +57,7 @@ __all__ = [
     "conv_geometry",
     "enabled",
     "gelu_op",
+    "geglu_linear_op",
     "geglu_op",
     "group_norm_op",
     "layer_norm_op",
@@ -312,8 +313,7 @@ def geglu_op():
     if not enabled():
         return None
     lib = library()
-    grad = ops.Custom(f"{lib}:GegluBackward", _like_first, _like_first, func_type="aot")
-
+    grad = _geglu_grad(lib)
     column_sums = sum_rows_op()
 
     def bprop(p, bias, out, dout):
@@ -324,6 +324,12 @@ def geglu_op():
         return _half_last(p)
 
     return ops.Custom(f"{lib}:GegluForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+
+
+@functools.cache
+def _geglu_grad(lib: str):
+    """`op(p, bias, dy)`: the gradient of `geglu_op` with respect to p (that of the bias is its column sums)."""
+    return ops.Custom(f"{lib}:GegluBackward", _like_first, _like_first, func_type="aot")
 
 
 def optimizer_ops():
@@ -527,13 +533,45 @@ def linear_op(bias: bool):
     return _linear_ops(lib, bias)
 
 
-@functools.cache
-def _linear_ops(lib: str, bias: bool):
-    """The operator of `linear_op`, one per library and kind: its output shape follows from the inputs' alone, so
-    every layer can share it."""
+def geglu_linear_op():
+    """`op(x, weight, bias)`: GEGLU's projection and gating, `h * gelu(g)` with h and g the halves of x W^T + b, for
+    float32 x (..., in), weight (2d, in) and bias (2d,), giving (..., d), as two oneDNN 3 matmuls whose epilogues
+    apply the exact GELU to the gate half and multiply it into the other (`matmul.cc`): the (..., 2d) projection is
+    never written and there is no gating pass over it. For inference: its gradient recomputes the projection, an
+    extra matmul, so training keeps the projection and the gating kernel apart. None where `linear_op` would not
+    use oneDNN 3, where the gating kernel is not built, or with SVD_GEGLU_FUSED=0."""
+    choice = os.environ.get("SVD_LINEAR_KERNEL", "")
+    if not _on_cpu() or choice == "0" or (choice != "1" and ms.get_context("mode") != ms.GRAPH_MODE):
+        return None
+    if os.environ.get("SVD_GEGLU_FUSED", "1") == "0" or os.environ.get("SVD_LINEAR_DNNL3", "1") == "0":
+        return None
+    lib = matmul_library()
+    if lib is None or geglu_op() is None:
+        return None
+    _set_threads(lib, _threads(), "SvdMatmulSetThreads")
+    return _geglu_linear(lib)
 
-    def out_shape(x, weight, *_):
-        return list(x[:-1]) + [weight[0]]
+
+@functools.cache
+def _geglu_linear(lib: str):
+    project = _linear_ops(lib, False)
+    gating_grad = _geglu_grad(library())
+    data, weights = _linear_grads(lib)
+    column_sums = sum_rows_op()
+
+    def bprop(x, weight, bias, out, dout):
+        dp = gating_grad(project(x, weight), bias, dout)
+        return data(dp, weight), weights(x, dp), column_sums(dp.reshape(-1, bias.shape[0]))
+
+    def out_shape(x, weight, _):
+        return list(x[:-1]) + [weight[0] // 2]
+
+    return ops.Custom(f"{lib}:GegluLinearForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+
+
+@functools.cache
+def _linear_grads(lib: str):
+    """`(data, weights)`: `data(dy, weight)` is the gradient of x, `weights(x, dy)` that of the weight."""
 
     def data_shape(dy, weight):
         return list(dy[:-1]) + [weight[1]]
@@ -546,6 +584,18 @@ def _linear_ops(lib: str, bias: bool):
 
     data = ops.Custom(f"{lib}:LinearBackwardData", data_shape, like_second, func_type="aot")
     weights = ops.Custom(f"{lib}:LinearBackwardWeights", weight_shape, _like_first, func_type="aot")
+    return data, weights
+
+
+@functools.cache
+def _linear_ops(lib: str, bias: bool):
+    """The operator of `linear_op`, one per library and kind: its output shape follows from the inputs' alone, so
+    every layer can share it."""
+
+    def out_shape(x, weight, *_):
+        return list(x[:-1]) + [weight[0]]
+
+    data, weights = _linear_grads(lib)
 
     if bias:
         column_sums = sum_rows_op()
@@ -609,12 +659,16 @@ def attention_options(heads: int, channels_first: bool = False):
 
 
 def release_conv_memory() -> None:
-    """Frees the convolution kernel's scratch buffers, which it keeps between calls (they grow to the largest
-    convolution's blocked copies and working memory); a no-op where the kernel is not loaded."""
-    if _on_cpu() and onednn_library.cache_info().currsize and (lib := onednn_library()) is not None:
-        import ctypes
+    """Frees the scratch buffers that the convolution and matmul kernels keep between calls (they grow to the
+    largest call's blocked copies, working memory and GEGLU gate); a no-op where the kernels are not loaded."""
+    import ctypes
 
+    if not _on_cpu():
+        return
+    if onednn_library.cache_info().currsize and (lib := onednn_library()) is not None:
         ctypes.CDLL(lib).SvdConvRelease()
+    if matmul_library.cache_info().currsize and (lib := matmul_library()) is not None:
+        ctypes.CDLL(lib).SvdMatmulRelease()
 
 
 def conv_geometry(stride: tuple[int, int], padding: tuple[int, int, int, int]):

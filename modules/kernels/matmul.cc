@@ -14,6 +14,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -37,6 +38,8 @@ typedef struct dnnl_primitive *dnnl_primitive_t;
 typedef const struct dnnl_primitive *const_dnnl_primitive_t;
 typedef struct dnnl_primitive_attr *dnnl_primitive_attr_t;
 typedef const struct dnnl_primitive_attr *const_dnnl_primitive_attr_t;
+typedef struct dnnl_post_ops *dnnl_post_ops_t;
+typedef const struct dnnl_post_ops *const_dnnl_post_ops_t;
 typedef struct {
   int arg;
   dnnl_memory_t memory;
@@ -61,6 +64,11 @@ dnnl_status_t dnnl_memory_destroy(dnnl_memory_t memory);
 dnnl_status_t dnnl_primitive_attr_create(dnnl_primitive_attr_t *attr);
 dnnl_status_t dnnl_primitive_attr_set_scratchpad_mode(dnnl_primitive_attr_t attr, int mode);
 dnnl_status_t dnnl_primitive_attr_destroy(dnnl_primitive_attr_t attr);
+dnnl_status_t dnnl_primitive_attr_set_post_ops(dnnl_primitive_attr_t attr, const_dnnl_post_ops_t post_ops);
+dnnl_status_t dnnl_post_ops_create(dnnl_post_ops_t *post_ops);
+dnnl_status_t dnnl_post_ops_destroy(dnnl_post_ops_t post_ops);
+dnnl_status_t dnnl_post_ops_append_eltwise(dnnl_post_ops_t post_ops, int alg, float alpha, float beta);
+dnnl_status_t dnnl_post_ops_append_binary(dnnl_post_ops_t post_ops, int alg, const_dnnl_memory_desc_t src1);
 dnnl_status_t dnnl_matmul_primitive_desc_create(dnnl_primitive_desc_t *pd, dnnl_engine_t engine,
                                                 const_dnnl_memory_desc_t src, const_dnnl_memory_desc_t weights,
                                                 const_dnnl_memory_desc_t bias, const_dnnl_memory_desc_t dst,
@@ -83,6 +91,9 @@ constexpr int kUserScratchpad = 1;    // dnnl_scratchpad_mode_user
 constexpr int kQueryImplInfo = 8;     // dnnl_query_impl_info_str
 constexpr int kQueryExecArg = 255;   // dnnl_query_exec_arg_md: the memory descriptor of an argument
 constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgBias = 41, kArgScratchpad = 80;  // DNNL_ARG_*
+constexpr int kArgPostOp0Src1 = 32770;  // DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
+constexpr int kGeluErf = 49;            // dnnl_eltwise_gelu_erf
+constexpr int kBinaryMul = 131057;      // dnnl_binary_mul
 
 struct Error {};
 
@@ -143,7 +154,9 @@ Rows ReadRows(int xdims, const int64_t *x, int64_t n) {
   return r;
 }
 
-enum class Kind { kForward, kForwardNoBias, kData, kWeights };
+// kGelu and kTimesGate are kForward followed by the exact GELU, or by a product with a second (m, n) tensor: the
+// two halves of a GEGLU projection.
+enum class Kind { kForward, kForwardNoBias, kData, kWeights, kGelu, kTimesGate };
 
 // One matmul primitive, created on first use per kind and shape: `a` (rows, depth) times `b` (depth, cols), plain
 // tensors with the layouts below, plus a bias over the columns for kForward.
@@ -157,18 +170,28 @@ Matmul &Get(Kind kind, const Rows &r) {
   static std::map<std::array<int64_t, 4>, Matmul> cache;
   Matmul &mm = cache[{static_cast<int64_t>(kind), r.m, r.k, r.n}];
   if (mm.run != nullptr) return mm;
-  const bool forward = kind == Kind::kForward || kind == Kind::kForwardNoBias;
+  const bool forward = kind != Kind::kData && kind != Kind::kWeights;
+  const bool bias = forward && kind != Kind::kForwardNoBias;
   // forward: y (m, n) = x (m, k) W^T (k, n); data: dx (m, k) = dy (m, n) W (n, k); weights: dW (n, k) = dy^T x
   const Desc a = forward ? Desc(r.m, r.k, kAb) : kind == Kind::kData ? Desc(r.m, r.n, kAb) : Desc(r.n, r.m, kBa);
   const Desc b = forward ? Desc(r.k, r.n, kBa) : kind == Kind::kData ? Desc(r.n, r.k, kAb) : Desc(r.m, r.k, kAb);
   const Desc c = forward ? Desc(r.m, r.n, kAb) : kind == Kind::kData ? Desc(r.m, r.k, kAb) : Desc(r.n, r.k, kAb);
-  const Desc bias(1, r.n, kAb);
+  const Desc bias_desc(1, r.n, kAb);
   dnnl_primitive_attr_t attr = nullptr;
+  dnnl_post_ops_t post = nullptr;
   Check(dnnl_primitive_attr_create(&attr));
   dnnl_status_t status = dnnl_primitive_attr_set_scratchpad_mode(attr, kUserScratchpad);
+  if (status == 0 && (kind == Kind::kGelu || kind == Kind::kTimesGate)) {
+    status = dnnl_post_ops_create(&post);
+    if (status == 0)
+      status = kind == Kind::kGelu ? dnnl_post_ops_append_eltwise(post, kGeluErf, 0.f, 0.f)
+                                   : dnnl_post_ops_append_binary(post, kBinaryMul, c.md);
+    if (status == 0) status = dnnl_primitive_attr_set_post_ops(attr, post);
+  }
   if (status == 0)
-    status = dnnl_matmul_primitive_desc_create(&mm.pd, Rt().engine, a.md, b.md,
-                                               kind == Kind::kForward ? bias.md : nullptr, c.md, attr);
+    status = dnnl_matmul_primitive_desc_create(&mm.pd, Rt().engine, a.md, b.md, bias ? bias_desc.md : nullptr, c.md,
+                                               attr);
+  if (post != nullptr) dnnl_post_ops_destroy(post);
   dnnl_primitive_attr_destroy(attr);
   Check(status);
   Check(dnnl_primitive_create(&mm.run, mm.pd));
@@ -177,15 +200,13 @@ Matmul &Get(Kind kind, const Rows &r) {
 }
 
 // Runs one matmul (operands as in `Get`) and waits for it.
-void Run(Kind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
+void Run(Kind kind, const Rows &r, void *a, void *b, void *bias, void *c, void *gate = nullptr) {
   Runtime &rt = Rt();
   Matmul &mm = Get(kind, r);
-  const std::array<std::pair<int, void *>, 5> given = {{{kArgSrc, a},
-                                                        {kArgWeights, b},
-                                                        {kArgDst, c},
-                                                        {kArgBias, bias},
-                                                        {kArgScratchpad, mm.scratch_bytes ? rt.Scratch(mm.scratch_bytes) : nullptr}}};
-  dnnl_exec_arg_t args[5];
+  void *scratch = mm.scratch_bytes ? rt.Scratch(mm.scratch_bytes) : nullptr;
+  const std::array<std::pair<int, void *>, 6> given = {
+      {{kArgSrc, a}, {kArgWeights, b}, {kArgDst, c}, {kArgBias, bias}, {kArgScratchpad, scratch}, {kArgPostOp0Src1, gate}}};
+  dnnl_exec_arg_t args[6];
   int nargs = 0;
   dnnl_status_t status = 0;
   for (const auto &[id, ptr] : given) {
@@ -235,6 +256,15 @@ extern "C" const char *SvdMatmulImpl(int kind, int64_t m, int64_t k, int64_t n) 
   return info;
 }
 
+// Frees the scratch buffer (the next call allocates it again).
+extern "C" void SvdMatmulRelease() {
+  Runtime &rt = Rt();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  std::free(rt.scratch);
+  rt.scratch = nullptr;
+  rt.scratch_size = 0;
+}
+
 // Sets the number of OpenMP threads the matmuls run on (the machine's cores until called).
 extern "C" void SvdMatmulSetThreads(int threads) {
   Runtime &rt = Rt();
@@ -273,5 +303,26 @@ extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int6
   return Locked(nparam, 3, [&] {
     Run(Kind::kWeights, ReadRows(ndims[0], shapes[0], shapes[1][ndims[1] - 1]), params[1], params[0], nullptr,
         params[2]);
+  });
+}
+
+// GEGLU's projection and gating in two matmuls with fused epilogues: (x (..., k), weight (2h, k), bias (2h,)) ->
+// y (..., h) = (x Wa^T + ba) * gelu(x Wg^T + bg), Wa and Wg the first and second h rows of weight (ba, bg likewise).
+// The gelu half is written to a buffer that the second matmul's epilogue multiplies in, so the (..., 2h) projection
+// is never written and no separate gating pass reads it.
+extern "C" int GegluLinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                  void *) {
+  return Locked(nparam, 4, [&] {
+    const int64_t h = shapes[1][0] / 2;
+    const Rows r = ReadRows(ndims[0], shapes[0], h);
+    Runtime &rt = Rt();
+    auto *weight = static_cast<float *>(params[1]), *bias = static_cast<float *>(params[2]);
+    const size_t gate_bytes = sizeof(float) * r.m * h;
+    // the gate goes after the larger of the two matmuls' working memories, in the one scratch buffer
+    const size_t offset = (std::max(Get(Kind::kGelu, r).scratch_bytes, Get(Kind::kTimesGate, r).scratch_bytes) + 63) /
+                          64 * 64;
+    auto *gate = reinterpret_cast<float *>(static_cast<char *>(rt.Scratch(offset + gate_bytes)) + offset);
+    Run(Kind::kGelu, r, params[0], weight + h * r.k, bias + h, gate);
+    Run(Kind::kTimesGate, r, params[0], weight, bias, params[3], gate);
   });
 }
