@@ -31,8 +31,9 @@ KINDS = (
 )  # fmt: skip
 
 
-def _our_kind(op_type: str, scope: list[str]) -> str:
-    """The kind of one of our operators, from its type and (for compiled kernels) the cells above it."""
+def _our_kind(op_type: str, scope: list[str], train: bool = False) -> str:
+    """The kind of one of our operators, from its type and (for compiled kernels) the cells above it. GEGLU's
+    kernel is its gating pass in training, and outside training its two matmuls with the gating in their epilogues."""
     if any(s.startswith("updater-") for s in scope):
         return "optimizer"
     if op_type == "Custom":  # a compiled kernel: the class of the cell that launched it (a gradient's: above it)
@@ -44,7 +45,7 @@ def _our_kind(op_type: str, scope: list[str]) -> str:
             "_PermuteKernel": "permutation and copies",
             "GroupNorm": "normalisation",
             "LayerNorm": "normalisation",
-            "GEGLU": "elementwise",
+            "GEGLU": "elementwise" if train else "fully connected",
             "GELU": "elementwise",
             "Attention": "attention",  # the fused attention kernel (or the softmax kernel without it)
             "CrossAttention": "elementwise",  # the add-rows kernel of a one-token cross-attention's residual
@@ -118,7 +119,7 @@ def ours(case: Case) -> tuple[dict[str, list[float]], list[tuple[str, float]], l
     for r in rows:
         ms_ = float(r["op_total_time(ms)"])
         scope = r["full_op_name"].split("/")
-        kind = kinds[_our_kind(r["op_type"], scope)]
+        kind = kinds[_our_kind(r["op_type"], scope, case.extra["train"])]
         kind[0] += ms_
         kind[1] += int(r["op_occurrences"])
         layers[".".join(s.split("-")[0] for s in scope[2:-1]) + f" ({r['op_type']})"] += ms_

@@ -71,7 +71,8 @@ def test_profile_sorts_our_operators_into_kinds():
 
     assert profile_unet._our_kind("Custom", ["a-VideoUNet", "conv-_Conv", "Custom-op3"]) == "convolution"
     assert profile_unet._our_kind("Custom", ["proj-Linear", "Custom-op4"]) == "fully connected"
-    assert profile_unet._our_kind("Custom", ["0-GEGLU", "Custom-op5"]) == "elementwise"
+    assert profile_unet._our_kind("Custom", ["0-GEGLU", "Custom-op5"]) == "fully connected"  # fused matmuls
+    assert profile_unet._our_kind("Custom", ["0-GEGLU", "Custom-op5"], train=True) == "elementwise"  # gating only
     assert profile_unet._our_kind("BatchMatMul", ["attn1-CrossAttention", "BatchMatMul-op1"]) == "attention"
     grad = ["to_q-Linear", "Grad_Custom", "Custom-op9"]  # a compiled kernel's gradient: the cell above it
     assert profile_unet._our_kind("Custom", grad) == "fully connected"
