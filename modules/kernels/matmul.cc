@@ -309,20 +309,33 @@ extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int6
 // GEGLU's projection and gating in two matmuls with fused epilogues: (x (..., k), weight (2h, k), bias (2h,)) ->
 // y (..., h) = (x Wa^T + ba) * gelu(x Wg^T + bg), Wa and Wg the first and second h rows of weight (ba, bg likewise).
 // The gelu half is written to a buffer that the second matmul's epilogue multiplies in, so the (..., 2h) projection
-// is never written and no separate gating pass reads it.
+// is never written and no separate gating pass reads it. The rows go in pieces whose gate takes at most
+// 64 MB (SVD_GEGLU_GATE_BYTES), so the buffer, kept between calls, stays small at any resolution (one piece at
+// 14 x 128 x 128).
+size_t GateBytes() {
+  const char *env = std::getenv("SVD_GEGLU_GATE_BYTES");
+  const long long bytes = env != nullptr ? std::atoll(env) : 0;
+  return bytes > 0 ? static_cast<size_t>(bytes) : size_t(64) << 20;
+}
+
 extern "C" int GegluLinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                   void *) {
   return Locked(nparam, 4, [&] {
     const int64_t h = shapes[1][0] / 2;
-    const Rows r = ReadRows(ndims[0], shapes[0], h);
+    const Rows all = ReadRows(ndims[0], shapes[0], h);
+    const int64_t piece = std::max<int64_t>(1, std::min<int64_t>(all.m, GateBytes() / (sizeof(float) * h)));
     Runtime &rt = Rt();
+    auto *x = static_cast<float *>(params[0]), *y = static_cast<float *>(params[3]);
     auto *weight = static_cast<float *>(params[1]), *bias = static_cast<float *>(params[2]);
-    const size_t gate_bytes = sizeof(float) * r.m * h;
-    // the gate goes after the larger of the two matmuls' working memories, in the one scratch buffer
-    const size_t offset = (std::max(Get(Kind::kGelu, r).scratch_bytes, Get(Kind::kTimesGate, r).scratch_bytes) + 63) /
-                          64 * 64;
-    auto *gate = reinterpret_cast<float *>(static_cast<char *>(rt.Scratch(offset + gate_bytes)) + offset);
-    Run(Kind::kGelu, r, params[0], weight + h * r.k, bias + h, gate);
-    Run(Kind::kTimesGate, r, params[0], weight, bias, params[3], gate);
+    for (int64_t row = 0; row < all.m; row += piece) {
+      const Rows r{std::min(piece, all.m - row), all.k, h};
+      // the gate goes after the larger of the two matmuls' working memories, in the one scratch buffer
+      const size_t offset =
+          (std::max(Get(Kind::kGelu, r).scratch_bytes, Get(Kind::kTimesGate, r).scratch_bytes) + 63) / 64 * 64;
+      auto *gate =
+          reinterpret_cast<float *>(static_cast<char *>(rt.Scratch(offset + sizeof(float) * r.m * h)) + offset);
+      Run(Kind::kGelu, r, x + row * all.k, weight + h * all.k, bias + h, gate);
+      Run(Kind::kTimesGate, r, x + row * all.k, weight, bias, y + row * h, gate);
+    }
   });
 }
