@@ -12,6 +12,8 @@
   package): its BRGEMM kernel, 1.2-1.4 times oneDNN 2.2's SGEMM on the SVD UNet's layers, with the bias added in the
   epilogue, on inputs of any rank as they are (a Linear through MindSpore's MatMul also needs a BiasAdd pass over
   the output and, in a graph, reshapes that copy). Without that library, oneDNN 2.2's matmul (`onednn.cc`).
+  Outside training GEGLU's projection and gating are two of those matmuls with the GELU and the product in their
+  epilogues (`geglu_linear_op`).
 - The optimizer (`optim.cc`): the gradient norm in one read-only pass, and AdamW with the gradient's unscaling,
   clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
   operators take seven passes and gradient-sized temporaries.
