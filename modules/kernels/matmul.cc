@@ -9,8 +9,8 @@
 // values, all part of the library's stable ABI) rather than needing the headers, whose package would overwrite the
 // oneDNN 2.2 headers `onednn.cc` is built with; `SvdMatmulVersion` lets the loader check the library's major version.
 //
-// Entry points have MindSpore's AOT signature, the same as the Linear* entry points of `onednn.cc`: params holds the
-// inputs, then the outputs. float32 only.
+// Entry points have MindSpore's AOT signature: params holds the inputs, then the outputs. The Linear* ones come from
+// `linear_entry.h`, as `onednn.cc`'s do. float32 only.
 
 #include <omp.h>
 
@@ -22,6 +22,8 @@
 #include <map>
 #include <utility>
 #include <mutex>
+
+#include "linear_entry.h"
 
 extern "C" {
 typedef int dnnl_status_t;  // 0: success
@@ -143,18 +145,7 @@ struct Desc {
   Desc &operator=(const Desc &) = delete;
 };
 
-struct Rows {
-  int64_t m, k, n;  // rows, in features, out features
-};
-
-// The rows and last axis of x (..., k), with n out features.
-Rows ReadRows(int xdims, const int64_t *x, int64_t n) {
-  Rows r{1, x[xdims - 1], n};
-  for (int i = 0; i < xdims - 1; ++i) r.m *= x[i];
-  return r;
-}
-
-// kGelu and kTimesGate are kForward followed by the exact GELU, or by a product with a second (m, n) tensor: the
+// The first four are LinearKind's (`linear_entry.h`); kGelu and kTimesGate are kForward followed by the exact GELU, or by a product with a second (m, n) tensor: the
 // two halves of a GEGLU projection.
 enum class Kind { kForward, kForwardNoBias, kData, kWeights, kGelu, kTimesGate };
 
@@ -272,37 +263,11 @@ extern "C" void SvdMatmulSetThreads(int threads) {
   rt.threads = threads < 1 ? 1 : threads;
 }
 
-// (x (..., k), weight (n, k), bias (n,)) -> y (..., n)
-extern "C" int LinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  return Locked(nparam, 4, [&] {
-    Run(Kind::kForward, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], params[2], params[3]);
-  });
-}
-
-// (x (..., k), weight (n, k)) -> y (..., n)
-extern "C" int LinearForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                   void *) {
-  return Locked(nparam, 3, [&] {
-    Run(Kind::kForwardNoBias, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], nullptr, params[2]);
-  });
-}
-
-// (dy (..., n), weight (n, k)) -> dx (..., k)
-extern "C" int LinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                  void *) {
-  return Locked(nparam, 3, [&] {
-    Rows r = ReadRows(ndims[0], shapes[0], shapes[1][0]);
-    r.k = shapes[1][1];  // the rows of dy are those of x; its last axis is n
-    Run(Kind::kData, r, params[0], params[1], nullptr, params[2]);
-  });
-}
-
-// (x (..., k), dy (..., n)) -> dweight (n, k)
-extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                     void *) {
-  return Locked(nparam, 3, [&] {
-    Run(Kind::kWeights, ReadRows(ndims[0], shapes[0], shapes[1][ndims[1] - 1]), params[1], params[0], nullptr,
-        params[2]);
+// The fully connected layers' entry points are those of `linear_entry.h`.
+int RunLinear(LinearKind kind, int nparam, int expected, void **params, int *ndims, int64_t **shapes) {
+  return Locked(nparam, expected, [&] {
+    const LinearOperands o = ReadLinear(kind, params, ndims, shapes);
+    Run(static_cast<Kind>(kind), o.rows, o.a, o.b, o.bias, o.c);
   });
 }
 

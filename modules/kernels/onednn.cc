@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "linear_entry.h"
 #include "oneapi/dnnl/dnnl_threadpool.hpp"
 #include "softmax_row.h"
 
@@ -502,17 +503,7 @@ int Guard(int nparam, int expected, void (*body)(Geometry, void **), void **para
 
 // Fully connected layers: y = x W^T + b with W (out, in) as PyTorch keeps it, through oneDNN's matmul (`gemm:jit`:
 // the JIT SGEMM with the bias added in its epilogue). MindSpore's own MatMul is as fast alone but needs a separate
-// BiasAdd pass over the output. x may have any rank: its leading axes are the rows.
-struct Rows {
-  int64_t m, k, n;  // rows, in features, out features
-};
-
-// The rows and last axis of x (..., k), with n out features.
-Rows ReadRows(int xdims, const int64_t *x, int64_t n) {
-  Rows r{1, x[xdims - 1], n};
-  for (int i = 0; i < xdims - 1; ++i) r.m *= x[i];
-  return r;
-}
+// BiasAdd pass over the output. x may have any rank: its leading axes are the rows (`linear_entry.h`).
 
 // One matmul, created on first use per shape: `a` (rows, depth) times `b` (depth, cols), each plain with the given
 // layout tag (ab: row-major, ba: the transpose of a row-major tensor), plus an optional bias over the columns.
@@ -521,7 +512,7 @@ struct Gemm {
   dnnl::matmul run;
 };
 
-enum class GemmKind { kForward, kForwardNoBias, kData, kWeights };
+enum class GemmKind { kForward, kForwardNoBias, kData, kWeights };  // LinearKind's order
 
 Gemm &GetGemm(GemmKind kind, const Rows &r) {
   static std::map<std::array<int64_t, 4>, Gemm> cache;
@@ -713,42 +704,11 @@ extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t *
   return Locked(nparam, 5, [&] { return Attention(params, ndims, shapes); });
 }
 
-// (x (..., k), weight (n, k), bias (n,)) -> y (..., n)
-extern "C" int LinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  return Locked(nparam, 4, [&] {
-    RunGemm(GemmKind::kForward, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], params[2],
-            params[3]);
-    return 0;
-  });
-}
-
-// (x (..., k), weight (n, k)) -> y (..., n)
-extern "C" int LinearForwardNoBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                   void *) {
-  return Locked(nparam, 3, [&] {
-    RunGemm(GemmKind::kForwardNoBias, ReadRows(ndims[0], shapes[0], shapes[1][0]), params[0], params[1], nullptr,
-            params[2]);
-    return 0;
-  });
-}
-
-// (dy (..., n), weight (n, k)) -> dx (..., k)
-extern "C" int LinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                  void *) {
-  return Locked(nparam, 3, [&] {
-    Rows r = ReadRows(ndims[0], shapes[0], shapes[1][0]);
-    r.k = shapes[1][1];  // the rows of dy are those of x; its last axis is n
-    RunGemm(GemmKind::kData, r, params[0], params[1], nullptr, params[2]);
-    return 0;
-  });
-}
-
-// (x (..., k), dy (..., n)) -> dweight (n, k)
-extern "C" int LinearBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                     void *) {
-  return Locked(nparam, 3, [&] {
-    RunGemm(GemmKind::kWeights, ReadRows(ndims[0], shapes[0], shapes[1][ndims[1] - 1]), params[1], params[0],
-            nullptr, params[2]);
+// The fully connected layers' entry points are those of `linear_entry.h`.
+int RunLinear(LinearKind kind, int nparam, int expected, void **params, int *ndims, int64_t **shapes) {
+  return Locked(nparam, expected, [&] {
+    const LinearOperands o = ReadLinear(kind, params, ndims, shapes);
+    RunGemm(static_cast<GemmKind>(kind), o.rows, o.a, o.b, o.bias, o.c);
     return 0;
   });
 }
