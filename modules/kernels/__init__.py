@@ -522,17 +522,24 @@ def linear_op(bias: bool):
     time); in PyNative it bought no time in a whole generation and raised its peak by about 180 MB (MindSpore's pool
     keeps its high-water mark), so there MindSpore's MatMul stays. SVD_LINEAR_KERNEL=1 uses it in both modes, 0 in
     neither. oneDNN 3's matmul (`matmul.cc`) where it builds, unless SVD_LINEAR_DNNL3=0; else oneDNN 2.2's."""
+    found = _linear_library()
+    return None if found is None else _linear_ops(found[0], bias)
+
+
+def _linear_library() -> tuple[str, bool] | None:
+    """The library `linear_op` uses, and whether it is oneDNN 3's (`matmul.cc`), its threads set; None where the
+    fully connected layers use MindSpore's MatMul."""
     choice = os.environ.get("SVD_LINEAR_KERNEL", "")
     if not _on_cpu() or choice == "0" or (choice != "1" and ms.get_context("mode") != ms.GRAPH_MODE):
         return None
     if os.environ.get("SVD_LINEAR_DNNL3", "1") != "0" and (lib := matmul_library()) is not None:
         _set_threads(lib, _threads(), "SvdMatmulSetThreads")
-        return _linear_ops(lib, bias)
+        return lib, True
     lib = onednn_library()
     if lib is None:
         return None
     _set_threads(lib, _threads())
-    return _linear_ops(lib, bias)
+    return lib, False
 
 
 def geglu_linear_op():
@@ -542,16 +549,10 @@ def geglu_linear_op():
     never written and there is no gating pass over it. For inference: its gradient recomputes the projection, an
     extra matmul, so training keeps the projection and the gating kernel apart. None where `linear_op` would not
     use oneDNN 3, where the gating kernel is not built, or with SVD_GEGLU_FUSED=0."""
-    choice = os.environ.get("SVD_LINEAR_KERNEL", "")
-    if not _on_cpu() or choice == "0" or (choice != "1" and ms.get_context("mode") != ms.GRAPH_MODE):
+    found = _linear_library()
+    if found is None or not found[1] or os.environ.get("SVD_GEGLU_FUSED", "1") == "0" or geglu_op() is None:
         return None
-    if os.environ.get("SVD_GEGLU_FUSED", "1") == "0" or os.environ.get("SVD_LINEAR_DNNL3", "1") == "0":
-        return None
-    lib = matmul_library()
-    if lib is None or geglu_op() is None:
-        return None
-    _set_threads(lib, _threads(), "SvdMatmulSetThreads")
-    return _geglu_linear(lib)
+    return _geglu_linear(found[0])
 
 
 @functools.cache
