@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from mindspore import Tensor, nn, ops
 
+from modules import kernels
 from modules.config import instantiate
 from modules.layers import (
     Attention,
@@ -184,9 +185,10 @@ class Upsample(nn.Cell):
         self.with_conv = with_conv
         if with_conv:
             self.conv = Conv2d(in_channels, in_channels, 3, padding=1)
+        self.upsample = kernels.upsample_op()
 
     def construct(self, x: Tensor) -> Tensor:
-        x = upsample_nearest2x(x)
+        x = upsample_nearest2x(x, self.upsample)
         if self.with_conv:
             x = self.conv(x)
         return x

@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from modules import kernels
 from modules.attention import ATTENTION_MODES, AlphaBlender, SpatialVideoTransformer
 from modules.layers import (
     Conv2d,
@@ -97,9 +98,10 @@ class Upsample(nn.Cell):
         self.use_conv = use_conv
         if use_conv:
             self.conv = Conv2d(channels, self.out_channels, kernel_size, padding=padding)
+        self.upsample = kernels.upsample_op()
 
     def construct(self, x: Tensor) -> Tensor:
-        x = upsample_nearest2x(x)
+        x = upsample_nearest2x(x, self.upsample)
         if self.use_conv:
             x = self.conv(x)
         return x
