@@ -83,6 +83,7 @@ class AlphaBlender(nn.Cell):
         self.mix_factor = Parameter(
             initializer(float(alpha), (1,), ms.float32), name="mix_factor", requires_grad=merge_strategy != "fixed"
         )
+        self.blend = kernels.blend_op()
 
     def get_alpha(self, image_only_indicator: Tensor | None, ndim: int) -> Tensor:
         if self.merge_strategy == "fixed":
@@ -101,7 +102,11 @@ class AlphaBlender(nn.Cell):
         raise ValueError(f"AlphaBlender: inputs of rank {ndim} are not supported")
 
     def construct(self, x_spatial: Tensor, x_temporal: Tensor, image_only_indicator: Tensor | None = None) -> Tensor:
-        alpha = self.get_alpha(image_only_indicator, x_spatial.ndim).astype(x_spatial.dtype)
+        alpha = self.get_alpha(image_only_indicator, x_spatial.ndim)
+        if self.blend is not None and x_spatial.dtype == ms.float32 and (alpha.size == 1 or x_spatial.ndim < 5):
+            # one alpha, or one per leading (b t) index: equal consecutive slices for the compiled kernel
+            return self.blend(x_spatial, x_temporal, alpha.reshape(-1))
+        alpha = alpha.astype(x_spatial.dtype)
         if alpha.size > 1:
             # per-frame alpha: broadcast explicitly (see layers.GroupNorm on broadcasting arithmetic in graph mode)
             alpha = ops.broadcast_to(alpha, x_spatial.shape)

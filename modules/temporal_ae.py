@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Constant, initializer
 
+from modules import kernels
 from modules.autoencoder import Decoder, ResnetBlock
 from modules.layers import Conv2d, TemporalConv, permuter
 from modules.unet import ResBlock
@@ -70,6 +71,7 @@ class VideoResBlock(ResnetBlock):
         self.learned_alpha = merge_strategy == "learned"
         self.mix_factor = _mix_factor(alpha, merge_strategy)
         self.swap_frames = permuter((0, 2, 1, 3, 4))
+        self.blend = kernels.blend_op()
 
     def construct(self, x: Tensor, temb: Tensor | None = None, timesteps: int | None = None) -> Tensor:
         x = super().construct(x, temb)
@@ -78,6 +80,8 @@ class VideoResBlock(ResnetBlock):
         x_t = self.time_stack(self.swap_frames(x.reshape(bt // t, t, c, h, w)), None)
         x_t = self.swap_frames(x_t).reshape(bt, c, h, w)
         alpha = ops.sigmoid(self.mix_factor) if self.learned_alpha else self.mix_factor
+        if self.blend is not None and x.dtype == ms.float32:
+            return self.blend(x_t, x, alpha)
         alpha = alpha.astype(x.dtype)
         return alpha * x_t + (1.0 - alpha) * x
 

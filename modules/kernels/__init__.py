@@ -22,7 +22,8 @@
   output with strided GEMMs, and the scores computed, normalised and used a block of query rows at a time, so the
   permutations to (B, H, L, D) and back and the (B, H, Lq, Lk) score tensor are gone.
 - Column sums for the bias gradients (`reduce.cc`), where MindSpore's ReduceSum over the first axis is slow, and a
-  row added to a group of rows (the residual of a cross-attention to one context token).
+  row added to a group of rows (the residual of a cross-attention to one context token), and the video blocks'
+  blend of their spatial and temporal paths in one pass.
 - Nearest-neighbour 2x upsampling and its gradient (`resample.cc`): MindSpore's Tile, BroadcastTo and interpolate
   move 0.5-1 GB/s on it.
 - Axis permutations (`permute.cc`): in PyNative MindSpore's transpose is a strided view whose copy into a contiguous
@@ -57,6 +58,7 @@ __all__ = [
     "add_rows_op",
     "attention_op",
     "attention_options",
+    "blend_op",
     "conv2d_op",
     "conv_geometry",
     "enabled",
@@ -305,6 +307,23 @@ def add_rows_op():
         return dout, reduce_sum(dout, 1)
 
     return ops.Custom(f"{library()}:AddRows", _like_first, _like_first, func_type="aot", bprop=bprop)
+
+
+def blend_op():
+    """`op(xs, xt, alpha)`: `alpha[g] * xs + (1 - alpha[g]) * xt` for float32 xs and xt of one shape and a float32
+    alpha (G,), g numbering G equal consecutive slices of the flattened inputs (G = 1: one alpha for all), by the
+    compiled kernel (`reduce.cc`), with the gradients of all three; or None (see the module)."""
+    if not enabled():
+        return None
+
+    def bprop(xs, xt, alpha, out, dout):
+        groups = alpha.shape[0]
+        flat = dout.reshape(groups, -1)
+        dxs = (flat * ops.broadcast_to(alpha.reshape(groups, 1), flat.shape)).reshape(dout.shape)
+        dalpha = ((xs - xt).reshape(groups, -1) * flat).sum(1)
+        return dxs, dout - dxs, dalpha
+
+    return ops.Custom(f"{library()}:Blend", _like_first, _like_first, func_type="aot", bprop=bprop)
 
 
 def _add_tiled(x, y):
