@@ -134,6 +134,7 @@ class CrossAttention(nn.Cell):
         self.to_k = Linear(context_dim, inner_dim, bias=False)
         self.to_v = Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), _dropout(dropout)])
+        self.out_dropout = dropout > 0
         self.attention = Attention(heads)
         self.add_rows = kernels.add_rows_op()
 
@@ -159,8 +160,11 @@ class CrossAttention(nn.Cell):
             out = self.attention(q.reshape(bc, (b // bc) * lq, inner), k, v).reshape(b, lq, inner)
         else:
             out = self.attention(q, k, v)
-        out = self.to_out(out)
-        return out if residual is None else out + residual
+        if residual is None:
+            return self.to_out(out)
+        if self.out_dropout:
+            return self.to_out(out) + residual
+        return self.to_out[0].with_residual(out, residual)  # the addition in the projection's epilogue
 
 
 class GEGLU(nn.Cell):
@@ -197,8 +201,10 @@ class FeedForward(nn.Cell):
         project_in = GEGLU(dim, inner_dim) if glu else nn.SequentialCell([Linear(dim, inner_dim), GELU()])
         self.net = nn.SequentialCell([project_in, _dropout(dropout), Linear(inner_dim, dim_out)])
 
-    def construct(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def construct(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is None:
+            return self.net(x)
+        return self.net[2].with_residual(self.net[1](self.net[0](x)), residual)
 
 
 class BasicTransformerBlock(nn.Cell):
@@ -232,8 +238,10 @@ class BasicTransformerBlock(nn.Cell):
         self._chunk_dim = dim
 
     def construct(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
+        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None, x)
         x = self.attn2(self.norm2(x), context, x)
+        if self._chunk_size is None:
+            return self.ff(self.norm3(x), x)
         return chunked_feed_forward(self.ff, self.norm3(x), self._chunk_dim, self._chunk_size) + x
 
 
@@ -349,23 +357,25 @@ class VideoTransformerBlock(nn.Cell):
         """Chunk `ff_in` and `ff`. As in diffusers, always along the frame axis of `(b s) t c`, whatever `dim`."""
         self._chunk_size = chunk_size
 
+    def _feed_forward(self, ff: nn.Cell, h: Tensor, x: Tensor) -> Tensor:
+        """ff(h), plus x where the widths match (the residual in ff's last projection unless chunked)."""
+        if not self.is_res:
+            return chunked_feed_forward(ff, h, 1, self._chunk_size)
+        if self._chunk_size is None:
+            return ff(h, x)
+        return chunked_feed_forward(ff, h, 1, self._chunk_size) + x
+
     def construct(self, x: Tensor, context: Tensor | None = None, num_frames: int | None = None) -> Tensor:
         t = self.timesteps if self.timesteps is not None else num_frames
         bt, s, c = x.shape
         b = bt // t
         x = self.swap_frames(x.reshape(b, t, s, c)).reshape(b * s, t, c)
         if self.use_ff_in:
-            x_skip = x
-            x = chunked_feed_forward(self.ff_in, self.norm_in(x), 1, self._chunk_size)
-            if self.is_res:
-                x = x + x_skip
-        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
+            x = self._feed_forward(self.ff_in, self.norm_in(x), x)
+        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None, x)
         if self.has_attn2:
             x = self.attn2(self.norm2(x), None if self.switch_temporal_ca_to_sa else context, x)
-        x_skip = x
-        x = chunked_feed_forward(self.ff, self.norm3(x), 1, self._chunk_size)
-        if self.is_res:
-            x = x + x_skip
+        x = self._feed_forward(self.ff, self.norm3(x), x)
         c_out = x.shape[-1]
         return self.swap_frames(x.reshape(b, s, t, c_out)).reshape(bt, s, c_out)
 

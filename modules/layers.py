@@ -221,6 +221,7 @@ class Linear(nn.Cell):
             self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32), name="bias")
         self.kernel = kernels.linear_op(bias)
         self.kernel_no_bias = kernels.linear_op(False) if bias else self.kernel
+        self.kernel_residual = kernels.linear_residual_op() if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
 
@@ -230,6 +231,14 @@ class Linear(nn.Cell):
             return self.kernel_no_bias(x.astype(ms.float32), self.weight.astype(ms.float32)).astype(x.dtype)
         y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight.astype(x.dtype))
         return y.reshape(x.shape[:-1] + (self.out_features,))
+
+    def with_residual(self, x, residual):
+        """x W^T + b + residual, for a residual shaped like the output: the addition is in the matmul's epilogue
+        where the kernel is oneDNN 3's (`kernels.linear_residual_op`)."""
+        if self.kernel_residual is None:
+            return self.construct(x) + residual
+        weight, bias = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+        return self.kernel_residual(x.astype(ms.float32), weight, bias, residual.astype(ms.float32)).astype(x.dtype)
 
     def construct(self, x):
         if not self.has_bias:

@@ -369,6 +369,48 @@ def test_linear_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
                 np.testing.assert_allclose(ours.asnumpy().astype(np.float64), ref.numpy(), rtol=10 * tol, atol=10 * tol)
 
 
+class _WithResidual(ms.nn.Cell):
+    def __init__(self, cell, w):
+        super().__init__()
+        self.cell, self.w = cell, w
+
+    def construct(self, x, residual):
+        return (self.cell.with_residual(x, residual) * self.w).sum()
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("kernel", ["fused", "add"])
+def test_linear_with_residual_matches_torch_with_its_gradients(monkeypatch, mode, kernel):
+    """Linear.with_residual (x W^T + b + r) with the residual in oneDNN 3's matmul epilogue, and as a separate
+    addition (SVD_RESIDUAL_FUSED=0), on 2-D and 3-D inputs whose rows exceed one thread's share: output and the
+    gradients of input, residual, weight and bias against torch in float64."""
+    from modules.layers import Linear
+
+    ms.set_context(mode=mode)
+    monkeypatch.setenv("SVD_LINEAR_KERNEL", "1")
+    monkeypatch.setenv("SVD_RESIDUAL_FUSED", "1" if kernel == "fused" else "0")
+    fused = kernel == "fused" and shutil.which("g++") is not None and kernels.matmul_library() is not None
+    rng = np.random.default_rng(11)
+    for shape, out in (((5, 6), 4), ((3, 700, 24), 40)):
+        cell = Linear(shape[-1], out)
+        assert (cell.kernel_residual is not None) == fused
+        for p in cell.trainable_params():
+            p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+        x = rng.standard_normal(shape).astype(np.float32)
+        r, dy = (rng.standard_normal(shape[:-1] + (out,)).astype(np.float32) for _ in range(2))
+        xt, rt = (torch.from_numpy(a).double().requires_grad_(True) for a in (x, r))
+        params = [torch.from_numpy(p.asnumpy()).double().requires_grad_(True) for p in cell.trainable_params()]
+        yt = torch.nn.functional.linear(xt, *params) + rt
+        (yt * torch.from_numpy(dy).double()).sum().backward()
+        y = cell.with_residual(Tensor(x), Tensor(r))
+        np.testing.assert_allclose(y.asnumpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+        (dx, dr), grads = ms.grad(_WithResidual(cell, Tensor(dy)), (0, 1), cell.trainable_params())(
+            Tensor(x), Tensor(r)
+        )
+        for ours, ref in zip([dx, dr, *grads], [xt.grad, rt.grad] + [p.grad for p in params]):
+            np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
 @pytest.mark.parametrize("mode", [0, 1])
 def test_fused_geglu_matches_torch_with_its_gradients(monkeypatch, mode):

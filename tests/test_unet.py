@@ -292,6 +292,55 @@ def test_chunked_blocks_match_in_pynative_and_graph_mode():
     np.testing.assert_allclose(graph_temporal(x, clip_context).asnumpy(), plain[1], rtol=1e-5, atol=1e-6)
 
 
+class _BlockLoss(ms.nn.Cell):
+    def __init__(self, block, w, *args):
+        super().__init__()
+        self.block, self.w, self.args = block, w, args
+
+    def construct(self, x, context):
+        return (self.block(x, context, *self.args) * self.w).sum()
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_transformer_blocks_on_the_kernels_match_mindspores_operators(monkeypatch, mode):
+    """The spatial and temporal transformer blocks with the fully connected layers on oneDNN 3's matmul (GEGLU fused
+    outside training, the residuals in the projections' epilogues) against the same blocks, same weights, on
+    MindSpore's MatMul: outputs outside training, and in training the gradients of the input and every parameter."""
+    if not kernels.enabled() or kernels.matmul_library() is None:
+        pytest.skip("needs the CPU kernels and oneDNN 3")
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(12)
+
+    def build(kernel):
+        monkeypatch.setenv("SVD_LINEAR_KERNEL", kernel)
+        temporal = VideoTransformerBlock(64, 2, 32, context_dim=8, ff_in=True, inner_dim=64)
+        return [BasicTransformerBlock(64, 2, 32, context_dim=8), temporal]
+
+    fused, plain = build("1"), build("0")
+    assert fused[0].attn1.to_out[0].kernel_residual is not None and fused[1].ff.net[0].fused is not None
+    assert plain[0].attn1.to_out[0].kernel_residual is None
+    x, dy = _randn(rng, 2 * T, 24, 64), _randn(rng, 2 * T, 24, 64)
+    contexts = (_randn(rng, 2 * T, 2, 8), _randn(rng, 2, 1, 8))
+    for ours, ref, context, args in zip(fused, plain, contexts, ((), (T,))):
+        for p, q in zip(ours.get_parameters(), ref.get_parameters()):
+            q.set_data(Tensor(rng.standard_normal(q.shape).astype(np.float32) * 0.2))
+            p.set_data(q.data.copy())
+        for block in (ours, ref):
+            block.set_train(False)
+        np.testing.assert_allclose(
+            ours(x, context, *args).asnumpy(), ref(x, context, *args).asnumpy(), rtol=1e-4, atol=1e-4
+        )
+        grads = []
+        for block in (ours, ref):
+            loss = _BlockLoss(block, dy, *args)
+            loss.set_train(True)
+            grads.append(ms.grad(loss, 0, block.trainable_params())(x, context))
+        (dx, dparams), (dx_ref, dparams_ref) = grads
+        np.testing.assert_allclose(dx.asnumpy(), dx_ref.asnumpy(), rtol=1e-4, atol=1e-4)
+        for g, g_ref in zip(dparams, dparams_ref):
+            np.testing.assert_allclose(g.asnumpy(), g_ref.asnumpy(), rtol=1e-4, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Parity with diffusers
 

@@ -13,7 +13,8 @@
   epilogue, on inputs of any rank as they are (a Linear through MindSpore's MatMul also needs a BiasAdd pass over
   the output and, in a graph, reshapes that copy). Without that library, oneDNN 2.2's matmul (`onednn.cc`).
   Outside training GEGLU's projection and gating are two of those matmuls with the GELU and the product in their
-  epilogues (`geglu_linear_op`).
+  epilogues (`geglu_linear_op`), and the transformer blocks' residuals ride in the epilogues of the layers before
+  them (`linear_residual_op`).
 - The optimizer (`optim.cc`): the gradient norm in one read-only pass, and AdamW with the gradient's unscaling,
   clipping and overflow guard in one pass that updates the parameter and moments in place, where MindSpore's
   operators take seven passes and gradient-sized temporaries.
@@ -69,6 +70,7 @@ __all__ = [
     "layer_norm_op",
     "library",
     "linear_op",
+    "linear_residual_op",
     "matmul_library",
     "onednn_library",
     "optimizer_ops",
@@ -587,6 +589,31 @@ def _linear_library() -> tuple[str, bool] | None:
         return None
     _set_threads(lib, _threads())
     return lib, False
+
+
+def linear_residual_op():
+    """`op(x, weight, bias, residual)`: x W^T + b + residual for float32 x (..., in), weight (out, in), bias (out,)
+    and residual (..., out), as one oneDNN 3 matmul that adds the residual in its epilogue (`matmul.cc`), so no
+    separate pass reads the output again, with the gradients of all four; None where `linear_op` would not use
+    oneDNN 3, or with SVD_RESIDUAL_FUSED=0."""
+    found = _linear_library()
+    if found is None or not found[1] or os.environ.get("SVD_RESIDUAL_FUSED", "1") == "0":
+        return None
+    return _linear_residual(found[0])
+
+
+@functools.cache
+def _linear_residual(lib: str):
+    data, weights = _linear_grads(lib)
+    column_sums = sum_rows_op()
+
+    def bprop(x, weight, bias, residual, out, dout):
+        return data(dout, weight), weights(x, dout), column_sums(dout.reshape(-1, bias.shape[0])), dout
+
+    def out_shape(x, weight, *_):
+        return list(x[:-1]) + [weight[0]]
+
+    return ops.Custom(f"{lib}:LinearResidualForward", out_shape, _like_first, func_type="aot", bprop=bprop)
 
 
 def geglu_linear_op():

@@ -95,6 +95,7 @@ constexpr int kQueryExecArg = 255;   // dnnl_query_exec_arg_md: the memory descr
 constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgBias = 41, kArgScratchpad = 80;  // DNNL_ARG_*
 constexpr int kArgPostOp0Src1 = 32770;  // DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
 constexpr int kGeluErf = 49;            // dnnl_eltwise_gelu_erf
+constexpr int kBinaryAdd = 131056;      // dnnl_binary_add
 constexpr int kBinaryMul = 131057;      // dnnl_binary_mul
 
 struct Error {};
@@ -145,9 +146,10 @@ struct Desc {
   Desc &operator=(const Desc &) = delete;
 };
 
-// The first four are LinearKind's (`linear_entry.h`); kGelu and kTimesGate are kForward followed by the exact GELU, or by a product with a second (m, n) tensor: the
-// two halves of a GEGLU projection.
-enum class Kind { kForward, kForwardNoBias, kData, kWeights, kGelu, kTimesGate };
+// The first four are LinearKind's (`linear_entry.h`); kGelu and kTimesGate are kForward followed by the exact GELU,
+// or by a product with a second (m, n) tensor: the two halves of a GEGLU projection; kPlus is kForward plus a second
+// (m, n) tensor: a residual.
+enum class Kind { kForward, kForwardNoBias, kData, kWeights, kGelu, kTimesGate, kPlus };
 
 // One matmul primitive, created on first use per kind and shape: `a` (rows, depth) times `b` (depth, cols), plain
 // tensors with the layouts below, plus a bias over the columns for kForward.
@@ -172,11 +174,12 @@ Matmul &Get(Kind kind, const Rows &r) {
   dnnl_post_ops_t post = nullptr;
   Check(dnnl_primitive_attr_create(&attr));
   dnnl_status_t status = dnnl_primitive_attr_set_scratchpad_mode(attr, kUserScratchpad);
-  if (status == 0 && (kind == Kind::kGelu || kind == Kind::kTimesGate)) {
+  if (status == 0 && (kind == Kind::kGelu || kind == Kind::kTimesGate || kind == Kind::kPlus)) {
     status = dnnl_post_ops_create(&post);
     if (status == 0)
       status = kind == Kind::kGelu ? dnnl_post_ops_append_eltwise(post, kGeluErf, 0.f, 0.f)
-                                   : dnnl_post_ops_append_binary(post, kBinaryMul, c.md);
+                                   : dnnl_post_ops_append_binary(post, kind == Kind::kPlus ? kBinaryAdd : kBinaryMul,
+                                                                 c.md);
     if (status == 0) status = dnnl_primitive_attr_set_post_ops(attr, post);
   }
   if (status == 0)
@@ -191,12 +194,12 @@ Matmul &Get(Kind kind, const Rows &r) {
 }
 
 // Runs one matmul (operands as in `Get`) and waits for it.
-void Run(Kind kind, const Rows &r, void *a, void *b, void *bias, void *c, void *gate = nullptr) {
+void Run(Kind kind, const Rows &r, void *a, void *b, void *bias, void *c, void *second = nullptr) {
   Runtime &rt = Rt();
   Matmul &mm = Get(kind, r);
   void *scratch = mm.scratch_bytes ? rt.Scratch(mm.scratch_bytes) : nullptr;
   const std::array<std::pair<int, void *>, 6> given = {
-      {{kArgSrc, a}, {kArgWeights, b}, {kArgDst, c}, {kArgBias, bias}, {kArgScratchpad, scratch}, {kArgPostOp0Src1, gate}}};
+      {{kArgSrc, a}, {kArgWeights, b}, {kArgDst, c}, {kArgBias, bias}, {kArgScratchpad, scratch}, {kArgPostOp0Src1, second}}};
   dnnl_exec_arg_t args[6];
   int nargs = 0;
   dnnl_status_t status = 0;
@@ -302,5 +305,16 @@ extern "C" int GegluLinearForward(int nparam, void **params, int *ndims, int64_t
       Run(Kind::kGelu, r, x + row * all.k, weight + h * all.k, bias + h, gate);
       Run(Kind::kTimesGate, r, x + row * all.k, weight, bias, y + row * h, gate);
     }
+  });
+}
+
+// A fully connected layer plus a residual in the matmul's epilogue: (x (..., k), weight (n, k), bias (n,),
+// residual (..., n)) -> y (..., n) = x W^T + b + residual, with no separate pass over the output to add it.
+extern "C" int LinearResidualForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                     void *) {
+  return Locked(nparam, 5, [&] {
+    const Rows r = ReadRows(ndims[0], shapes[0], shapes[1][0]);
+    if (ReadRows(ndims[3], shapes[3], r.n).m != r.m || shapes[3][ndims[3] - 1] != r.n) throw Error{};
+    Run(Kind::kPlus, r, params[0], params[1], params[2], params[4], params[3]);
   });
 }
