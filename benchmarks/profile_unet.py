@@ -50,6 +50,8 @@ def _our_kind(op_type: str, scope: list[str], train: bool = False) -> str:
             "Attention": "attention",  # the fused attention kernel (or the softmax kernel without it)
             "CrossAttention": "elementwise",  # the add-rows kernel of a one-token cross-attention's residual
             "SpatialVideoTransformer": "elementwise",  # the add-rows kernel of the frame-index embedding
+            "AlphaBlender": "elementwise",  # the blend of the spatial and temporal paths
+            "Upsample": "permutation and copies",  # the nearest 2x upsampling kernel
             "MultiheadSelfAttention": "attention",
         }.get(owner, "other")
     if op_type in ("MatMul", "BiasAdd"):
