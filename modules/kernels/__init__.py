@@ -567,10 +567,10 @@ def linear_op(bias: bool):
     """`op(x, weight, bias)` (or `op(x, weight)` without bias): x W^T + b for float32 x (..., in), weight (out, in)
     and bias (out,), giving (..., out), with the gradients of all three; or None (see `conv2d_op`). oneDNN's matmul
     adds the bias in its epilogue, so there is no BiasAdd pass over the output, and a graph has no reshapes to copy.
-    Used by default for cells built in graph mode (one SVD UNet evaluation: 10.2 GB peak against 10.5 GB, same
-    time); in PyNative it bought no time in a whole generation and raised its peak by about 180 MB (MindSpore's pool
-    keeps its high-water mark), so there MindSpore's MatMul stays. SVD_LINEAR_KERNEL=1 uses it in both modes, 0 in
-    neither. oneDNN 3's matmul (`matmul.cc`) where it builds, unless SVD_LINEAR_DNNL3=0; else oneDNN 2.2's."""
+    Used in both modes unless SVD_LINEAR_KERNEL=0: with oneDNN 3's matmul, the fused GEGLU and the residuals in the
+    epilogues, a PyNative SVD UNet evaluation took 0.90 of the reference's time against 1.16 with MindSpore's
+    MatMul, and a whole PyNative generation peaked lower (10,275 against 10,318 MiB). oneDNN 3's matmul
+    (`matmul.cc`) where it builds, unless SVD_LINEAR_DNNL3=0; else oneDNN 2.2's."""
     found = _linear_library()
     return None if found is None else _linear_ops(found[0], bias)
 
@@ -578,8 +578,7 @@ def linear_op(bias: bool):
 def _linear_library() -> tuple[str, bool] | None:
     """The library `linear_op` uses, and whether it is oneDNN 3's (`matmul.cc`), its threads set; None where the
     fully connected layers use MindSpore's MatMul."""
-    choice = os.environ.get("SVD_LINEAR_KERNEL", "")
-    if not _on_cpu() or choice == "0" or (choice != "1" and ms.get_context("mode") != ms.GRAPH_MODE):
+    if not _on_cpu() or os.environ.get("SVD_LINEAR_KERNEL", "1") == "0":
         return None
     if os.environ.get("SVD_LINEAR_DNNL3", "1") != "0" and (lib := matmul_library()) is not None:
         _set_threads(lib, _threads(), "SvdMatmulSetThreads")
