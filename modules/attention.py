@@ -24,6 +24,7 @@ from modules.layers import (
     LayerNorm,
     Linear,
     SiLU,
+    cast,
     default_norm_groups,
     permuter,
     timestep_embedding,
@@ -147,8 +148,8 @@ class CrossAttention(nn.Cell):
             # One key: its softmax weight is exactly 1, so every query gets v. SVD's image context is one token.
             out = self.to_out(self.to_v(context))  # bc 1 c
             if residual is not None:
-                rows = residual.reshape(bc, (b // bc) * lq, -1).astype(ms.float32)
-                return self.add_rows(rows, out.astype(ms.float32)).reshape(b, lq, -1).astype(residual.dtype)
+                rows = cast(residual.reshape(bc, (b // bc) * lq, -1), ms.float32)
+                return cast(self.add_rows(rows, cast(out, ms.float32)).reshape(b, lq, -1), residual.dtype)
             # tile, not broadcast_to: in PyNative a broadcast view goes through a slow strided copy when materialised
             return ops.tile(out, (1, (b // bc) * lq, 1)).reshape(b, lq, -1)
         q = self.to_q(x)
@@ -182,13 +183,13 @@ class GEGLU(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         if self.fused is not None and not self.training:
-            weight, bias = self.proj.weight.astype(ms.float32), self.proj.bias.astype(ms.float32)
-            return self.fused(x.astype(ms.float32), weight, bias).astype(x.dtype)
+            weight, bias = cast(self.proj.weight, ms.float32), cast(self.proj.bias, ms.float32)
+            return cast(self.fused(cast(x, ms.float32), weight, bias), x.dtype)
         if self.kernel is None:
             h, gate = ops.chunk(self.proj(x), 2, axis=-1)
             return h * self.gelu(gate)
         p = self.proj.without_bias(x)
-        return self.kernel(p.astype(ms.float32), self.proj.bias.astype(ms.float32)).astype(x.dtype)
+        return cast(self.kernel(cast(p, ms.float32), cast(self.proj.bias, ms.float32)), x.dtype)
 
 
 class FeedForward(nn.Cell):
@@ -448,8 +449,6 @@ class SpatialVideoTransformer(SpatialTransformer):
 
         for i in range(self.depth):
             x = self.transformer_blocks[i](x, context)
-            x_mix = self.time_stack[i](
-                self.add_rows(x.astype(ms.float32), emb).astype(x.dtype), time_context, num_frames
-            )
+            x_mix = self.time_stack[i](cast(self.add_rows(cast(x, ms.float32), emb), x.dtype), time_context, num_frames)
             x = self.time_mixer(x, x_mix, image_only_indicator)
         return self._to_image(x, h, w) + x_in

@@ -21,6 +21,7 @@ from modules.layers import (
     Linear,
     SiLU,
     TemporalConv,
+    cast,
     default_norm_groups,
     permuter,
     timestep_embedding,
@@ -173,7 +174,7 @@ class ResBlock(nn.Cell):
             h = self.in_layers(x)
         if self.skip_t_emb:
             return self.skip_connection(x) + self.out_layers(h)
-        emb_out = self.emb_layers(emb).astype(h.dtype)
+        emb_out = cast(self.emb_layers(emb), h.dtype)
         if self.exchange_temb_dims:
             emb_out = emb_out.swapaxes(1, 2)  # b t c -> b c t
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.ndim - emb_out.ndim))
@@ -411,7 +412,7 @@ class VideoUNet(nn.Cell):
             i = i - 1  # skips are consumed last-in first-out
             h = ops.cat((h, skips[i]), axis=1)
             h = block(h, emb, context, image_only_indicator, time_context, num_frames)
-        return self.out(h.astype(x.dtype))
+        return self.out(cast(h, x.dtype))
 
     def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
         """Run every transformer feed-forward in chunks of `chunk_size` (default 1) along `dim` (0 batch, 1 tokens);
