@@ -70,7 +70,8 @@ class AlphaBlender(nn.Cell):
     Strategies: `fixed` (alpha = merge factor), `learned` (alpha = sigmoid(mix_factor)) and `learned_with_images`
     (like `learned`, but alpha = 1, i.e. the pure spatial path, for frames flagged in `image_only_indicator`, a (b, t)
     tensor). A missing indicator counts as all zeros. alpha is shaped after the rank of the inputs:
-    5-D `b c t h w`, 4-D `(b t) c h w` or 3-D `(b t) s c`.
+    5-D `b c t h w`, 4-D `(b t) c h w` or 3-D `(b t) s c`. On float32 inputs the blend is one pass of the compiled
+    kernel (`kernels.blend_op`) where it builds, except for a per-frame alpha on 5-D inputs.
     """
 
     strategies = ("learned", "fixed", "learned_with_images")
