@@ -603,16 +603,12 @@ def linear_residual_op():
 
 @functools.cache
 def _linear_residual(lib: str):
-    data, weights = _linear_grads(lib)
-    column_sums = sum_rows_op()
+    grads = _linear_bias_grads(lib)
 
     def bprop(x, weight, bias, residual, out, dout):
-        return data(dout, weight), weights(x, dout), column_sums(dout.reshape(-1, bias.shape[0])), dout
+        return (*grads(x, weight, bias, dout), dout)
 
-    def out_shape(x, weight, *_):
-        return list(x[:-1]) + [weight[0]]
-
-    return ops.Custom(f"{lib}:LinearResidualForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{lib}:LinearResidualForward", _linear_out_shape, _like_first, func_type="aot", bprop=bprop)
 
 
 def geglu_linear_op():
@@ -632,12 +628,10 @@ def geglu_linear_op():
 def _geglu_linear(lib: str):
     project = _linear_ops(lib, False)
     gating_grad = _geglu_grad(library())
-    data, weights = _linear_grads(lib)
-    column_sums = sum_rows_op()
+    grads = _linear_bias_grads(lib)
 
     def bprop(x, weight, bias, out, dout):
-        dp = gating_grad(project(x, weight), bias, dout)
-        return data(dp, weight), weights(x, dp), column_sums(dp.reshape(-1, bias.shape[0]))
+        return grads(x, weight, bias, gating_grad(project(x, weight), bias, dout))
 
     def out_shape(x, weight, _):
         return list(x[:-1]) + [weight[0] // 2]
@@ -664,27 +658,43 @@ def _linear_grads(lib: str):
 
 
 @functools.cache
+def _linear_bias_grads(lib: str):
+    """`grads(x, weight, bias, dy)`: the gradients of x, the weight and the bias of x W^T + b for the output gradient
+    dy (that of the bias is dy's column sums)."""
+    data, weights = _linear_grads(lib)
+    column_sums = sum_rows_op()
+
+    def grads(x, weight, bias, dy):
+        return data(dy, weight), weights(x, dy), column_sums(dy.reshape(-1, bias.shape[0]))
+
+    return grads
+
+
+def _linear_out_shape(x, weight, *_):
+    """Shape inference of x W^T (+ ...): x's leading axes and the weight's rows."""
+    return list(x[:-1]) + [weight[0]]
+
+
+@functools.cache
 def _linear_ops(lib: str, bias: bool):
     """The operator of `linear_op`, one per library and kind: its output shape follows from the inputs' alone, so
     every layer can share it."""
-
-    def out_shape(x, weight, *_):
-        return list(x[:-1]) + [weight[0]]
-
-    data, weights = _linear_grads(lib)
-
     if bias:
-        column_sums = sum_rows_op()
+        grads = _linear_bias_grads(lib)
 
         def bprop(x, weight, b, out, dout):
-            return data(dout, weight), weights(x, dout), column_sums(dout.reshape(-1, b.shape[0]))
+            return grads(x, weight, b, dout)
 
-        return ops.Custom(f"{lib}:LinearForward", out_shape, _like_first, func_type="aot", bprop=bprop)
+        return ops.Custom(f"{lib}:LinearForward", _linear_out_shape, _like_first, func_type="aot", bprop=bprop)
+
+    data, weights = _linear_grads(lib)
 
     def bprop_no_bias(x, weight, out, dout):
         return data(dout, weight), weights(x, dout)
 
-    return ops.Custom(f"{lib}:LinearForwardNoBias", out_shape, _like_first, func_type="aot", bprop=bprop_no_bias)
+    return ops.Custom(
+        f"{lib}:LinearForwardNoBias", _linear_out_shape, _like_first, func_type="aot", bprop=bprop_no_bias
+    )
 
 
 @functools.cache
