@@ -278,8 +278,8 @@ int RunLinear(LinearKind kind, int nparam, int expected, void **params, int *ndi
 // y (..., h) = (x Wa^T + ba) * gelu(x Wg^T + bg), Wa and Wg the first and second h rows of weight (ba, bg likewise).
 // The gelu half is written to a buffer that the second matmul's epilogue multiplies in, so the (..., 2h) projection
 // is never written and no separate gating pass reads it. The rows go in pieces whose gate takes at most
-// 64 MB (SVD_GEGLU_GATE_BYTES), so the buffer, kept between calls, stays small at any resolution (one piece at
-// 14 x 128 x 128).
+// 64 MB (SVD_GEGLU_GATE_BYTES), so the buffer, kept between calls, stays small at any resolution (two pieces at the
+// SVD UNet's first level for 2 x 14 frames of 128x128, whose gate would take 73 MB).
 size_t GateBytes() {
   const char *env = std::getenv("SVD_GEGLU_GATE_BYTES");
   const long long bytes = env != nullptr ? std::atoll(env) : 0;
