@@ -225,6 +225,10 @@ def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel
     cases = [(Conv2d(6, 4, **kw), shape) for kw, shape in _conv_cases()]
     cases.append((TemporalConv(6, 4, (3, 1, 1)), (2, 6, 5, 3, 4)))
     cases.append((TemporalConv(6, 4, (3, 1, 1)), (1, 6, 5, 2, 3)))  # one clip, as the VAE decoder gives it
+    # channels enough for the kernel's Winograd F(2, 3) along time: an odd and an even number of frames, and one
+    cases.append((TemporalConv(64, 72, (3, 1, 1)), (2, 64, 5, 2, 3)))
+    cases.append((TemporalConv(72, 64, (3, 1, 1)), (1, 72, 4, 3, 2)))
+    cases.append((TemporalConv(64, 64, (3, 1, 1)), (2, 64, 1, 2, 2)))
     for cell, shape in cases:
         assert (cell.conv.kernel is not None) == (kernel and kernels.onednn_library() is not None)
         for p in cell.trainable_params():
@@ -257,8 +261,9 @@ def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel
 @pytest.mark.parametrize("setting", ["0", "1", None])
 def test_convolution_algorithms_match_torch(monkeypatch, setting):
     """The kernel's 3x3 convolutions with Winograd's algorithm off, on (where oneDNN has it), and as the kernel
-    chooses: each output against torch's in float64."""
-    from modules.layers import Conv2d
+    chooses, and its temporal convolutions with and without the F(2, 3) along time: each output against torch's in
+    float64."""
+    from modules.layers import Conv2d, TemporalConv
 
     if kernels.onednn_library() is None:
         pytest.skip("no oneDNN kernel on this machine")
@@ -279,6 +284,16 @@ def test_convolution_algorithms_match_torch(monkeypatch, setting):
             padding=1,
         )
         np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    temporal = TemporalConv(64, 80, (3, 1, 1))  # Winograd F(2, 3) along time unless SVD_CONV_WINOGRAD=0
+    for shape in [(2, 64, 14, 4, 4), (1, 64, 7, 3, 5)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = torch.nn.functional.conv3d(
+            torch.from_numpy(x).double(),
+            torch.from_numpy(temporal.weight.asnumpy()).double(),
+            torch.from_numpy(temporal.bias.asnumpy()).double(),
+            padding=(1, 0, 0),
+        )
+        np.testing.assert_allclose(temporal(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")
