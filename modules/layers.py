@@ -275,6 +275,7 @@ class _Conv(nn.Cell):
         self.kernel = kernels.conv2d_op((stride, stride), pad)
         if self.kernel is not None:
             self.geometry = kernels.conv_geometry((stride, stride), pad)
+            self.inference_geometry = kernels.conv_geometry((stride, stride), pad, inference=True)
             self.zero_bias = None if bias else Tensor(np.zeros(out_channels, np.float32))
             return
         self.conv = ops.Conv2D(out_channels, kernel, mode=1, pad_mode="pad", pad=pad, stride=stride, group=groups)
@@ -283,7 +284,8 @@ class _Conv(nn.Cell):
     def construct(self, x, weight, bias):
         if self.kernel is not None:
             bias = cast(bias, ms.float32) if self.has_bias else self.zero_bias
-            y = self.kernel(cast(x, ms.float32), cast(weight, ms.float32), self.geometry, bias)
+            geometry = self.geometry if self.training else self.inference_geometry  # Winograd's memory bound
+            y = self.kernel(cast(x, ms.float32), cast(weight, ms.float32), geometry, bias)
             return cast(y, x.dtype)
         y = self.conv(x, weight.astype(x.dtype))
         if self.has_bias:

@@ -757,6 +757,7 @@ def release_conv_memory() -> None:
         ctypes.CDLL(lib).SvdMatmulRelease()
 
 
-def conv_geometry(stride: tuple[int, int], padding: tuple[int, int, int, int]):
-    """The geometry input of `conv2d_op`: stride (H, W), then padding (top, bottom, left, right), as int64."""
-    return ms.Tensor(list(stride) + list(padding), ms.int64)
+def conv_geometry(stride: tuple[int, int], padding: tuple[int, int, int, int], inference: bool = False):
+    """The geometry input of `conv2d_op`: stride (H, W), then padding (top, bottom, left, right), then 1 for a
+    forward pass outside training (Winograd may then take more working memory: `onednn.cc`), as int64."""
+    return ms.Tensor([*stride, *padding, int(inference)], ms.int64)

@@ -127,6 +127,7 @@ thread_local bool Pool::inside_ = false;
 struct Geometry {
   int64_t n, c, h, w, o, kh, kw, oh, ow, groups;
   memory::dims strides, pad_l, pad_r;
+  bool inference = false;  // a forward pass outside training: Winograd may take more working memory
 
   std::array<int64_t, 14> Key() const {
     return {n, c, h, w, o, kh, kw, groups, strides[0], strides[1], pad_l[0], pad_l[1], pad_r[0], pad_r[1]};
@@ -152,7 +153,8 @@ struct Plain {
   static memory::dims Strides(int64_t c, int64_t h, int64_t row) { return {c * h * row, h * row, row, 1}; }
 };
 
-// params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,); shapes as MindSpore gives them. A 5-D x
+// params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,) or (7,), the seventh 1 outside training; shapes
+// as MindSpore gives them. A 5-D x
 // (n, c, t, h, w) with a weight (o, c, kt, 1, 1), a temporal convolution, is the 2-D convolution of (n, c, t, h*w)
 // with (o, c, kt, 1): the same memory.
 Geometry Read(void **params, int *ndims, int64_t **shapes) {
@@ -161,6 +163,7 @@ Geometry Read(void **params, int *ndims, int64_t **shapes) {
   const int64_t width = ndims[0] == 5 ? x[3] * x[4] : x[3];
   Geometry geo{x[0], x[1], x[2], width, wt[0], wt[2], wt[3], 0, 0, x[1] / wt[1], {g[0], g[1]}, {g[2], g[4]},
                {g[3], g[5]}};
+  geo.inference = shapes[2][0] > 6 && g[6] != 0;
   geo.oh = (geo.h + g[2] + g[3] - geo.kh) / g[0] + 1;
   geo.ow = (geo.w + g[4] + g[5] - geo.kw) / g[1] + 1;
   return geo;
@@ -412,18 +415,20 @@ void TemporalWinogradForward(const Geometry &g, void **params);
 // thin ones (8 -> 320, 320 -> 4, 128 -> 3). Against `brgconv:avx512_core` (an AMD EPYC) it took 1.7x at 28 x 8 x 8
 // and 0.7x at 28 x 16 x 16, so there it runs from 4,096 output pixels per call. Its working memory holds the
 // transformed weights, 4x the weights whatever the batch, which the scratch buffer keeps until released: a geometry
-// whose working memory for one sample is over kWinogradMaxBytes runs direct. In the UNet that is the 4x4 level's
-// 2560 -> 1280 and 1920 -> 1280 (472 and 354 MB): 0.08 s more per evaluation than with Winograd, and 275 MiB less
+// whose working memory for one sample is over kWinogradMaxBytes (kWinogradInferenceBytes outside training) runs
+// direct. In training that is the UNet's 4x4 level's 2560 -> 1280 and 1920 -> 1280 (472 and 354 MB): 275 MiB less
 // at the full-size training step's peak (21,256 MiB against 21,531 with no bound; a 128 MB bound, which also sent
-// every convolution with 1280 channels out to the direct kernel, peaked at 21,109 and took 0.39 s more).
+// every convolution with 1280 channels out to the direct kernel, peaked at 21,109 and took 0.39 s more). Outside
+// training they take Winograd: a generation's sampling peaks below its decoding, which frees the buffer first, and
+// the 4x4 level's convolutions took 0.63-0.84 s per UNet evaluation against 0.75-1.14 s (in-process alternation).
 constexpr int64_t kMinWinogradChannels = 64, kBrgconvWinogradPixels = 4096;
-constexpr size_t kWinogradMaxBytes = size_t(256) << 20;
+constexpr size_t kWinogradMaxBytes = size_t(256) << 20, kWinogradInferenceBytes = size_t(512) << 20;
 
 bool PreferWinograd(const Geometry &g) {
   if (g.c < kMinWinogradChannels || g.o < kMinWinogradChannels) return false;
   Geometry one = g;
   one.n = 1;
-  if (ForwardBytes(one, true) > kWinogradMaxBytes) return false;
+  if (ForwardBytes(one, true) > (g.inference ? kWinogradInferenceBytes : kWinogradMaxBytes)) return false;
   const std::string direct = Get(g, false, false)->forward.impl_info_str();
   return direct.rfind("brg", 0) != 0 || g.n * g.oh * g.ow >= kBrgconvWinogradPixels;
 }
@@ -436,9 +441,10 @@ void Forward(Geometry g, void **params) {
   const char setting = env != nullptr ? env[0] : 'a';
   bool winograd = setting != '0' && WinogradShape(g) && Get(g, false, true) != nullptr;
   if (winograd && setting != '1') {
-    static std::map<std::array<int64_t, 14>, bool> preferred;
-    const auto known = preferred.find(g.Key());
-    winograd = known != preferred.end() ? known->second : (preferred[g.Key()] = PreferWinograd(g));
+    static std::map<std::pair<std::array<int64_t, 14>, bool>, bool> preferred;
+    const std::pair<std::array<int64_t, 14>, bool> key{g.Key(), g.inference};
+    const auto known = preferred.find(key);
+    winograd = known != preferred.end() ? known->second : (preferred[key] = PreferWinograd(g));
   }
   RunForward(g, params, winograd);
 }
