@@ -154,9 +154,8 @@ struct Plain {
 };
 
 // params: x (n, c, h, w), weight (o, c / g, kh, kw), geometry (6,) or (7,), the seventh 1 outside training; shapes
-// as MindSpore gives them. A 5-D x
-// (n, c, t, h, w) with a weight (o, c, kt, 1, 1), a temporal convolution, is the 2-D convolution of (n, c, t, h*w)
-// with (o, c, kt, 1): the same memory.
+// as MindSpore gives them. A 5-D x (n, c, t, h, w) with a weight (o, c, kt, 1, 1), a temporal convolution, is the
+// 2-D convolution of (n, c, t, h*w) with (o, c, kt, 1): the same memory.
 Geometry Read(void **params, int *ndims, int64_t **shapes) {
   const int64_t *x = shapes[0], *wt = shapes[1];
   const int64_t *g = static_cast<const int64_t *>(params[2]);
@@ -190,6 +189,18 @@ Runtime &Rt() {
     return r;
   }();
   return *rt;
+}
+
+// Runs `items` pieces of work over the pool's threads, each making its SGEMM calls single-threaded: `work(item, one)`
+// hands `one`, a pool of the running thread alone, to `dnnl::threadpool_interop::sgemm`, and says whether every call
+// succeeded. Throws if one did not.
+void SerialGemms(int items, const std::function<bool(int, Pool &)> &work) {
+  std::atomic<int> failed{0};
+  Rt().pool->parallel_for(items, [&](int item, int) {
+    thread_local Pool one(1);
+    if (!work(item, one)) failed = 1;
+  });
+  if (failed.load()) throw std::runtime_error("SGEMM failed");
 }
 
 // Scratch space for the blocked copies and oneDNN's working memory, kept between calls (allocating and first
@@ -616,25 +627,21 @@ void GemmForward(const Geometry &g, void **params) {
   const auto *weight = static_cast<const float *>(params[1]), *bias = static_cast<const float *>(params[3]);
   float *y = static_cast<float *>(params[4]);
   const int parts = rt.pool->get_num_threads();
-  std::atomic<int> failed{0};
-  rt.pool->parallel_for(parts, [&](int part, int) {
-    thread_local Pool one(1);
+  SerialGemms(parts, [&](int part, Pool &one) {
     const int64_t first = g.o * part / parts, last = g.o * (part + 1) / parts;
-    if (first == last) return;
+    if (first == last) return true;
     // rows (m, o) = col (m, depth) weight^T, this part's columns
     if (dnnl::threadpool_interop::sgemm('N', 'T', m, last - first, depth, 1.0f, col, depth, weight + first * depth,
-                                        depth, 0.0f, rows + first, g.o, &one) != dnnl::status::success) {
-      failed = 1;
-      return;
-    }
+                                        depth, 0.0f, rows + first, g.o, &one) != dnnl::status::success)
+      return false;
     for (int64_t b = 0; b < g.n; ++b)  // rows (n, pixels, o) -> y (n, o, pixels)
       for (int64_t o = first; o < last; ++o) {
         const float *in = rows + b * pixels * g.o + o;
         float *out = y + (b * g.o + o) * pixels;
         for (int64_t p = 0; p < pixels; ++p) out[p] = in[p * g.o] + bias[o];
       }
+    return true;
   });
-  if (failed.load()) throw std::runtime_error("SGEMM failed");
 }
 
 // A temporal convolution (a (3, 1) kernel over (T, H*W), stride 1, padding 1 along T and none along W, one group,
@@ -704,18 +711,14 @@ void TemporalWinogradForward(const Geometry &g, void **params) {
         }
       }
     });
-    std::atomic<int> failed{0};
-    rt.pool->parallel_for(4 * parts, [&](int item, int) {  // M_k (O, cols) = U_k (O, C) V_k (C, cols)
-      thread_local Pool one(1);
+    SerialGemms(4 * parts, [&](int item, Pool &one) {  // M_k (O, cols) = U_k (O, C) V_k (C, cols)
       const int64_t k = item / parts, part = item % parts;
       const int64_t first = g.o * part / parts, last = g.o * (part + 1) / parts;
-      if (first == last) return;
-      if (dnnl::threadpool_interop::sgemm('N', 'N', last - first, cols, g.c, 1.0f, u + k * oc + first * g.c, g.c,
-                                          v + k * g.c * cols, cols, 0.0f, mm + (k * g.o + first) * cols, cols,
-                                          &one) != dnnl::status::success)
-        failed = 1;
+      return first == last ||
+             dnnl::threadpool_interop::sgemm('N', 'N', last - first, cols, g.c, 1.0f, u + k * oc + first * g.c, g.c,
+                                             v + k * g.c * cols, cols, 0.0f, mm + (k * g.o + first) * cols, cols,
+                                             &one) == dnnl::status::success;
     });
-    if (failed.load()) throw std::runtime_error("SGEMM failed");
     rt.pool->parallel_for(static_cast<int>(g.o), [&](int o, int) {  // y from M, with the bias
       const int64_t plane = g.o * cols;
       for (int64_t n = 0; n < g.n; ++n)
@@ -761,9 +764,7 @@ int Attention(void **params, int *ndims, int64_t **shapes) {
   const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]),
               *v = static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[4]);
-  std::atomic<int> failed{0};
-  Rt().pool->parallel_for(static_cast<int>(b * heads * blocks), [&](int item, int) {
-    thread_local Pool one(1);  // the GEMMs of an item run on its own thread
+  SerialGemms(static_cast<int>(b * heads * blocks), [&](int item, Pool &one) {
     thread_local std::vector<float> scores;
     const int64_t i = item / (heads * blocks), h = item / blocks % heads, r0 = item % blocks * block;
     const int64_t rows = std::min(block, lq - r0);
@@ -789,9 +790,9 @@ int Attention(void **params, int *ndims, int64_t **shapes) {
         ok = dnnl::threadpool_interop::sgemm('N', 'N', rows, d, lk, 1.0f, s, lk, vi, inner, 0.0f, oi, inner, &one);
       }
     }
-    if (ok != dnnl::status::success) failed = 1;
+    return ok == dnnl::status::success;
   });
-  return failed.load() ? 2 : 0;
+  return 0;
 }
 }  // namespace
 
