@@ -673,10 +673,11 @@ void TemporalWinogradForward(const Geometry &g, void **params) {
   const int64_t width = std::max<int64_t>(1, std::min<int64_t>(hw, static_cast<int64_t>(ChunkBytes() / per_pixel)));
   const int64_t most = g.n * pairs * width;  // columns of a piece
   const size_t u_bytes = Round(sizeof(float) * 4 * g.o * g.c), v_bytes = Round(sizeof(float) * 4 * g.c * most),
-               m_bytes = Round(sizeof(float) * 4 * g.o * most);
-  Arena arena(u_bytes + v_bytes + m_bytes);
+               m_bytes = Round(sizeof(float) * 4 * g.o * most), zero_bytes = Round(sizeof(float) * width);
+  Arena arena(u_bytes + v_bytes + m_bytes + zero_bytes);
   auto *u = static_cast<float *>(arena.Take(u_bytes)), *v = static_cast<float *>(arena.Take(v_bytes)),
-       *mm = static_cast<float *>(arena.Take(m_bytes));
+       *mm = static_cast<float *>(arena.Take(m_bytes)), *zeros = static_cast<float *>(arena.Take(zero_bytes));
+  std::fill(zeros, zeros + width, 0.0f);  // the frames past the clip's ends
   const int64_t oc = g.o * g.c;
   rt.pool->parallel_for(static_cast<int>(g.o), [&](int o, int) {
     for (int64_t c = 0; c < g.c; ++c) {
@@ -697,16 +698,14 @@ void TemporalWinogradForward(const Geometry &g, void **params) {
         for (int64_t j = 0; j < pairs; ++j) {
           const int64_t t = 2 * j - 1;  // d_i = frame t + i
           const float *d[4];
-          for (int i = 0; i < 4; ++i) d[i] = t + i >= 0 && t + i < frames ? plane + (t + i) * hw : nullptr;
+          for (int i = 0; i < 4; ++i) d[i] = t + i >= 0 && t + i < frames ? plane + (t + i) * hw : zeros;
           float *v0 = v + c * cols + (n * pairs + j) * pw;
           float *v1 = v0 + g.c * cols, *v2 = v1 + g.c * cols, *v3 = v2 + g.c * cols;
           for (int64_t q = 0; q < pw; ++q) {
-            const float a = d[0] ? d[0][q] : 0.0f, b = d[1] ? d[1][q] : 0.0f, e = d[2] ? d[2][q] : 0.0f,
-                        f = d[3] ? d[3][q] : 0.0f;
-            v0[q] = a - e;
-            v1[q] = b + e;
-            v2[q] = e - b;
-            v3[q] = b - f;
+            v0[q] = d[0][q] - d[2][q];
+            v1[q] = d[1][q] + d[2][q];
+            v2[q] = d[2][q] - d[1][q];
+            v3[q] = d[1][q] - d[3][q];
           }
         }
       }
