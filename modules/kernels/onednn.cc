@@ -444,12 +444,13 @@ bool PreferWinograd(const Geometry &g) {
   return direct.rfind("brg", 0) != 0 || g.n * g.oh * g.ow >= kBrgconvWinogradPixels;
 }
 
-// (x, weight, geometry, bias) -> y. SVD_CONV_WINOGRAD=1 takes Winograd wherever oneDNN has it, =0 never.
+// (x, weight, geometry, bias) -> y. SVD_CONV_WINOGRAD=1 takes Winograd wherever oneDNN has it, =0 never (the
+// temporal F(2, 3) included).
 void Forward(Geometry g, void **params) {
   if (UseGemm(g)) return GemmForward(g, params);
-  if (UseTemporalWinograd(g)) return TemporalWinogradForward(g, params);
   const char *env = std::getenv("SVD_CONV_WINOGRAD");
   const char setting = env != nullptr ? env[0] : 'a';
+  if (setting != '0' && UseTemporalWinograd(g)) return TemporalWinogradForward(g, params);
   bool winograd = setting != '0' && WinogradShape(g) && Get(g, false, true) != nullptr;
   if (winograd && setting != '1') {
     static std::map<std::pair<std::array<int64_t, 14>, bool>, bool> preferred;
@@ -566,24 +567,17 @@ Gemm &GetGemm(GemmKind kind, const Rows &r) {
   return g;
 }
 
-// The room a GEMM's working memory takes in an arena.
-size_t GemmBytes(GemmKind kind, const Rows &r) { return Round(GetGemm(kind, r).pd.scratchpad_desc().get_size()); }
-
-// One GEMM (operands as in `GetGemm`), its working memory from `arena`.
-void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c, Arena &arena) {
+// One GEMM (operands as in `GetGemm`), its working memory from the scratch buffer.
+void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
   Runtime &rt = Rt();
   Gemm &g = GetGemm(kind, r);
+  Arena arena(Round(g.pd.scratchpad_desc().get_size()));
   std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(g.pd.src_desc(), rt.engine, a)},
                                        {DNNL_ARG_WEIGHTS, memory(g.pd.weights_desc(), rt.engine, b)},
                                        {DNNL_ARG_DST, memory(g.pd.dst_desc(), rt.engine, c)},
                                        {DNNL_ARG_SCRATCHPAD, Workspace(g.pd.scratchpad_desc(), arena)}};
   if (bias != nullptr) args.emplace(DNNL_ARG_BIAS, memory(g.pd.bias_desc(), rt.engine, bias));
   g.run.execute(rt.stream, args);
-}
-
-void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c) {
-  Arena arena(GemmBytes(kind, r));
-  RunGemm(kind, r, a, b, bias, c, arena);
 }
 
 // A convolution whose output has a few pixels per sample (the UNet's 2x2 level) runs as a GEMM over the whole
@@ -655,8 +649,6 @@ void GemmForward(const Geometry &g, void **params) {
 // bound. The GEMMs read the weight transform and V as they are (no reorder of any tensor), each thread one
 // single-threaded SGEMM per item (a transform and a slice of the output channels).
 bool UseTemporalWinograd(const Geometry &g) {
-  const char *env = std::getenv("SVD_CONV_WINOGRAD");
-  if (env != nullptr && env[0] == '0') return false;
   return g.kh == 3 && g.kw == 1 && g.groups == 1 && g.strides[0] == 1 && g.strides[1] == 1 && g.pad_l[0] == 1 &&
          g.pad_r[0] == 1 && g.pad_l[1] == 0 && g.pad_r[1] == 0 && g.c >= kMinWinogradChannels &&
          g.o >= kMinWinogradChannels;
