@@ -223,6 +223,7 @@ def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel
         monkeypatch.setenv("SVD_CONV_CHUNK_BYTES", "1")  # one sample at a time, TemporalConv one column
     rng = np.random.default_rng(5)
     cases = [(Conv2d(6, 4, **kw), shape) for kw, shape in _conv_cases()]
+    cases.append((Conv2d(16, 24, 3, padding=1), (3, 16, 4, 4)))  # channels enough for the kernel's own Winograd
     cases.append((TemporalConv(6, 4, (3, 1, 1)), (2, 6, 5, 3, 4)))
     cases.append((TemporalConv(6, 4, (3, 1, 1)), (1, 6, 5, 2, 3)))  # one clip, as the VAE decoder gives it
     # channels enough for the kernel's Winograd F(2, 3) along time: an odd and an even number of frames, and one
@@ -294,6 +295,69 @@ def test_convolution_algorithms_match_torch(monkeypatch, setting):
             padding=(1, 0, 0),
         )
         np.testing.assert_allclose(temporal(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_small_image_winograd_matches_torch(monkeypatch, fused):
+    """3x3 convolutions of images of at most 16 pixels, which the kernel runs as its own Winograd F(4x4, 3x3) (F(2x2,
+    3x3) at 2x2) where built with AVX-512, and with that off: against torch in float64. The cases cover one and
+    several tiles per image, images that end inside a tile, more samples than one vector of columns, more input
+    channels than one block and output channels that are no multiple of the register block."""
+    from modules.layers import Conv2d
+
+    if kernels.onednn_library() is None:
+        pytest.skip("no oneDNN kernel on this machine")
+    ms.set_context(mode=1)
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1")
+    monkeypatch.setenv("SVD_CONV_FUSED", fused)
+    rng = np.random.default_rng(13)
+    for c, o, shape in [
+        (48, 40, (3, 48, 4, 4)),
+        (64, 72, (20, 64, 2, 2)),
+        (32, 30, (5, 32, 3, 4)),
+        (160, 24, (2, 160, 4, 3)),
+        (16, 16, (1, 16, 1, 1)),
+        (32, 33, (37, 32, 2, 3)),
+    ]:
+        cell = Conv2d(c, o, 3, padding=1)
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = torch.nn.functional.conv2d(
+            torch.from_numpy(x).double(),
+            torch.from_numpy(cell.weight.asnumpy()).double(),
+            torch.from_numpy(cell.bias.asnumpy()).double(),
+            padding=1,
+        )
+        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the kernel's own Winograd needs AVX-512")
+def test_small_image_winograd_is_the_one_that_runs(monkeypatch):
+    """SVD_CONV_FUSED switches the 4x4 and 2x2 convolutions between the kernel's Winograd and oneDNN's algorithms:
+    their outputs agree to rounding but not bit for bit, so the switch reaches a different computation."""
+    from modules.layers import Conv2d
+
+    if kernels.onednn_library() is None:
+        pytest.skip("no oneDNN kernel on this machine")
+    ms.set_context(mode=1)
+    monkeypatch.setenv("SVD_CPU_KERNELS", "1")
+    rng = np.random.default_rng(17)
+    cell = Conv2d(64, 64, 3, padding=1)
+    for shape in [(4, 64, 4, 4), (4, 64, 2, 2)]:
+        x = Tensor(rng.standard_normal(shape).astype(np.float32))
+        outs = []
+        for fused in ("1", "0"):
+            monkeypatch.setenv("SVD_CONV_FUSED", fused)
+            outs.append(cell(x).asnumpy())
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        assert not np.array_equal(outs[0], outs[1])
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU kernels need g++")

@@ -7,10 +7,12 @@
 // the layouts left to oneDNN (`format_tag::any`), so it picks its blocked direct kernels (`jit:avx2`,
 // `brgconv:avx512_core`, ...), and Winograd's algorithm for 3x3 convolutions where it has one and it pays
 // (`PreferWinograd`); the inputs are reordered into those layouts and the result back to NCHW, which costs a few
-// percent of the convolution. Outputs of a few pixels per sample run as GEMMs instead (`GemmForward`), and the
-// temporal (3, 1) convolutions as Winograd's F(2, 3) along time in GEMMs (`TemporalWinogradForward`). The blocked
-// copies, transforms and oneDNN's working memory come from scratch buffers kept until `SvdConvRelease`, and the
-// forward pass runs in pieces (of the batch, else of the columns) that bound them.
+// percent of the convolution. 3x3 convolutions of images of at most 16 pixels run as the kernel's own Winograd, whose
+// weight transform stays in the cache (`FusedWinogradForward`, AVX-512 only); other outputs of a few pixels per
+// sample as GEMMs (`GemmForward`); the temporal (3, 1) convolutions as Winograd's F(2, 3) along time in GEMMs
+// (`TemporalWinogradForward`). The blocked copies, transforms and oneDNN's working memory come from scratch buffers
+// kept until `SvdConvRelease`, and the forward pass runs in pieces (of the batch, else of the columns) that bound
+// them.
 //
 // MindSpore's libdnnl is built for the THREADPOOL runtime: it runs in parallel only through a thread pool that the
 // caller hands it with the stream. `Pool` is that pool; its idle workers sleep rather than spin, so they never take
@@ -38,6 +40,10 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "linear_entry.h"
@@ -418,6 +424,8 @@ bool UseGemm(const Geometry &g);
 void GemmForward(const Geometry &g, void **params);
 bool UseTemporalWinograd(const Geometry &g);
 void TemporalWinogradForward(const Geometry &g, void **params);
+bool UseFusedWinograd(const Geometry &g);
+void FusedWinogradForward(const Geometry &g, void **params);
 
 // Whether Winograd's F(4x4, 3x3) beats the direct kernel that oneDNN picked. It takes 4x fewer multiplications but
 // transforms the weights at every call, and how that nets out depends on the direct kernel. Against the older
@@ -432,6 +440,7 @@ void TemporalWinogradForward(const Geometry &g, void **params);
 // every convolution with 1280 channels out to the direct kernel, peaked at 21,109 and took 0.39 s more). Outside
 // training they take Winograd: a generation's sampling peaks below its decoding, which frees the buffer first, and
 // the 4x4 level's convolutions took 0.63-0.84 s per UNet evaluation against 0.75-1.14 s (in-process alternation).
+// Where the kernel's own Winograd runs (AVX-512, `UseFusedWinograd`), those levels no longer come here.
 constexpr int64_t kMinWinogradChannels = 64, kBrgconvWinogradPixels = 4096;
 constexpr size_t kWinogradMaxBytes = size_t(256) << 20, kWinogradInferenceBytes = size_t(512) << 20;
 
@@ -447,9 +456,10 @@ bool PreferWinograd(const Geometry &g) {
 // (x, weight, geometry, bias) -> y. SVD_CONV_WINOGRAD=1 takes Winograd wherever oneDNN has it, =0 never (the
 // temporal F(2, 3) included).
 void Forward(Geometry g, void **params) {
-  if (UseGemm(g)) return GemmForward(g, params);
   const char *env = std::getenv("SVD_CONV_WINOGRAD");
   const char setting = env != nullptr ? env[0] : 'a';
+  if (setting != '0' && UseFusedWinograd(g)) return FusedWinogradForward(g, params);
+  if (UseGemm(g)) return GemmForward(g, params);
   if (setting != '0' && UseTemporalWinograd(g)) return TemporalWinogradForward(g, params);
   bool winograd = setting != '0' && WinogradShape(g) && Get(g, false, true) != nullptr;
   if (winograd && setting != '1') {
@@ -580,8 +590,8 @@ void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c
   g.run.execute(rt.stream, args);
 }
 
-// A convolution whose output has a few pixels per sample (the UNet's 2x2 level) runs as a GEMM over the whole
-// batch: the input's patches as rows (im2col, taps past the border as zeros), times the weight as MindSpore holds it
+// A convolution whose output has a few pixels per sample (the UNet's 2x2 level where the fused Winograd does not
+// run: without AVX-512; the downsamplers' 2x2 outputs) runs as a GEMM over the whole batch: the input's patches as rows (im2col, taps past the border as zeros), times the weight as MindSpore holds it
 // ((O, C x kh x kw), no reorder). oneDNN's direct kernels block their registers along the output row, which has 2
 // pixels there, and reach a fraction of the machine's GEMM; their weight reorder also reads and writes the whole
 // weight at every call. Each thread takes a slice of the output channels, one single-threaded SGEMM of all rows
@@ -636,6 +646,291 @@ void GemmForward(const Geometry &g, void **params) {
       }
     return true;
   });
+}
+
+// Small images with many channels (the UNet's 8x8, 4x4 and 2x2 levels at 128x128 pixels) run 3x3 convolutions as a
+// Winograd F(m x m, 3x3) (m = 4, or 2 where that takes fewer products: 2x2 images) whose weight transform never
+// leaves the cache. oneDNN's Winograd writes the transformed weights (4x the weights) to memory and reads them back at
+// every call, which at these sizes costs more than the products; here each thread transforms a block of output
+// channels for a block of input channels into a buffer the size of its L2 cache and multiplies it at once with the
+// transformed input V (the (alpha^2, C, columns) tiles of every sample, alpha = m + 2), accumulating the products M
+// (alpha^2, block, columns) in a second such buffer, and transforms M into its outputs when the block is done. The
+// products run in an AVX-512 kernel that holds NO output channels x NV vectors of 16 columns in registers. The
+// transforms are those of Lavin and Gray, as in oneDNN's F(4x4, 3x3):
+//   F(4, 3): V = B^T d B, U = G g G^T, y = A^T M A with
+//     B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+//     G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1],
+//     A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1];
+//   F(2, 3): B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
+//     A^T = [1 1 1 0; 0 1 -1 -1].
+// Needs AVX-512 at build time, C a multiple of 16, and stride 1 with one pixel of padding on every side.
+#if defined(__AVX512F__)
+constexpr bool kFusedWinogradBuilt = true;
+
+// The 1-D transforms along one axis, on 16 lanes at a time: `in` k-th element at in[k * is], out[k * os].
+struct Winograd4 {
+  static constexpr int kM = 4, kAlpha = 6;
+  static void Kernel(const __m512 *g, int is, __m512 *u, int os) {
+    const __m512 a = g[0], b = g[is], c = g[2 * is], ac = _mm512_add_ps(a, c), sixth = _mm512_set1_ps(-1.0f / 6);
+    const __m512 p = _mm512_fmadd_ps(a, _mm512_set1_ps(1.0f / 24), _mm512_mul_ps(c, _mm512_set1_ps(1.0f / 6)));
+    const __m512 q = _mm512_mul_ps(b, _mm512_set1_ps(1.0f / 12));
+    u[0] = _mm512_mul_ps(a, _mm512_set1_ps(0.25f));
+    u[os] = _mm512_mul_ps(_mm512_add_ps(ac, b), sixth);
+    u[2 * os] = _mm512_mul_ps(_mm512_sub_ps(ac, b), sixth);
+    u[3 * os] = _mm512_add_ps(p, q);
+    u[4 * os] = _mm512_sub_ps(p, q);
+    u[5 * os] = c;
+  }
+  static void Input(const __m512 *d, int is, __m512 *v, int os) {
+    const __m512 d0 = d[0], d1 = d[is], d2 = d[2 * is], d3 = d[3 * is], d4 = d[4 * is], d5 = d[5 * is];
+    const __m512 four = _mm512_set1_ps(4.0f), five = _mm512_set1_ps(5.0f);
+    const __m512 a = _mm512_fnmadd_ps(four, d2, d4), b = _mm512_fnmadd_ps(four, d1, d3);  // d4 - 4 d2, d3 - 4 d1
+    const __m512 e = _mm512_sub_ps(d4, d2), f = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_sub_ps(d3, d1));
+    v[0] = _mm512_add_ps(_mm512_fnmadd_ps(five, d2, _mm512_mul_ps(four, d0)), d4);
+    v[os] = _mm512_add_ps(a, b);
+    v[2 * os] = _mm512_sub_ps(a, b);
+    v[3 * os] = _mm512_add_ps(e, f);
+    v[4 * os] = _mm512_sub_ps(e, f);
+    v[5 * os] = _mm512_add_ps(_mm512_fnmadd_ps(five, d3, _mm512_mul_ps(four, d1)), d5);
+  }
+  static void Output(const float *m, int is, float *y, int os) {
+    const float a = m[is] + m[2 * is], b = m[is] - m[2 * is], c = m[3 * is] + m[4 * is], d = m[3 * is] - m[4 * is];
+    y[0] = m[0] + a + c;
+    y[os] = b + 2 * d;
+    y[2 * os] = a + 4 * c;
+    y[3 * os] = b + 8 * d + m[5 * is];
+  }
+};
+
+struct Winograd2 {
+  static constexpr int kM = 2, kAlpha = 4;
+  static void Kernel(const __m512 *g, int is, __m512 *u, int os) {
+    const __m512 half = _mm512_set1_ps(0.5f), ac = _mm512_mul_ps(_mm512_add_ps(g[0], g[2 * is]), half),
+                 b = _mm512_mul_ps(g[is], half);
+    u[0] = g[0];
+    u[os] = _mm512_add_ps(ac, b);
+    u[2 * os] = _mm512_sub_ps(ac, b);
+    u[3 * os] = g[2 * is];
+  }
+  static void Input(const __m512 *d, int is, __m512 *v, int os) {
+    v[0] = _mm512_sub_ps(d[0], d[2 * is]);
+    v[os] = _mm512_add_ps(d[is], d[2 * is]);
+    v[2 * os] = _mm512_sub_ps(d[2 * is], d[is]);
+    v[3 * os] = _mm512_sub_ps(d[is], d[3 * is]);
+  }
+  static void Output(const float *m, int is, float *y, int os) {
+    y[0] = m[0] + m[is] + m[2 * is];
+    y[os] = m[is] - m[2 * is] - m[3 * is];
+  }
+};
+
+// A 2-D transform, R x R -> S x S: `fn` along the columns, then along the rows.
+template <int R, int S, typename T, typename Fn>
+void Transform2D(const T *in, T *out, Fn fn) {
+  T t[S * R];
+  for (int j = 0; j < R; ++j) fn(in + j, R, t + j, R);
+  for (int i = 0; i < S; ++i) fn(t + i * R, 1, out + i * S, 1);
+}
+
+// The 3x3 taps of 16 consecutive input channels (one weight row, 144 floats) as nine vectors, g[t] lane l = tap t of
+// channel l: permutes of the nine loaded vectors (gathers are slower on CPUs with the gather-data-sampling fix).
+class TapSplit {
+ public:
+  TapSplit() {
+    for (int t = 0; t < 9; ++t)
+      for (int p = 0; p < 5; ++p) {
+        alignas(64) int32_t at[16] = {};
+        __mmask16 mask = 0;
+        for (int l = 0; l < 16; ++l)
+          if (9 * l + t >= 32 * p && 9 * l + t < 32 * p + 32) {
+            at[l] = 9 * l + t - 32 * p;
+            mask = static_cast<__mmask16>(mask | (1u << l));
+          }
+        index_[t][p] = _mm512_load_si512(at);
+        mask_[t][p] = mask;
+      }
+  }
+  void operator()(const float *src, __m512 *g) const {
+    __m512 z[10];
+    for (int r = 0; r < 9; ++r) z[r] = _mm512_loadu_ps(src + 16 * r);
+    z[9] = _mm512_setzero_ps();
+    for (int t = 0; t < 9; ++t) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int p = 0; p < 5; ++p)
+        acc = _mm512_mask_mov_ps(acc, mask_[t][p], _mm512_permutex2var_ps(z[2 * p], index_[t][p], z[2 * p + 1]));
+      g[t] = acc;
+    }
+  }
+
+ private:
+  __m512i index_[9][5];
+  __mmask16 mask_[9][5];
+};
+
+// m (NO rows x 16 NV columns) (+)= U V over `depth` input channels (a multiple of 16): U row r, channel c at
+// u[r * row + c / 16 * block + c % 16], V row c at v[c * vrow]; m row r at m[r * mrow]. `first` starts from zero.
+template <int NO, int NV>
+void WinogradProducts(const float *u, int64_t row, int64_t block, const float *v, int64_t vrow, int64_t depth,
+                      float *m, int64_t mrow, bool first) {
+  __m512 acc[NO][NV];
+  for (int r = 0; r < NO; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(m + r * mrow + 16 * j);
+  for (int64_t c0 = 0; c0 < depth; c0 += 16, u += block, v += 16 * vrow)
+    for (int c = 0; c < 16; ++c) {
+      __m512 b[NV];
+      for (int j = 0; j < NV; ++j) {
+        b[j] = _mm512_loadu_ps(v + c * vrow + 16 * j);
+        asm("" : "+v"(b[j]));  // held in a register: as memory operands of the FMAs it is loaded NO times
+      }
+      for (int r = 0; r < NO; ++r) {
+        const __m512 a = _mm512_set1_ps(u[r * row + c]);
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
+      }
+    }
+  for (int r = 0; r < NO; ++r)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(m + r * mrow + 16 * j, acc[r][j]);
+}
+
+using ProductsFn = void (*)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, float *, int64_t, bool);
+// By NV (1..7), the register block: NO x NV accumulators, NV vectors of V and one of U within the 32 registers.
+constexpr int kProductRows[8] = {0, 28, 14, 9, 6, 5, 4, 3};
+constexpr ProductsFn kProducts[8] = {nullptr,
+                                     &WinogradProducts<28, 1>,
+                                     &WinogradProducts<14, 2>,
+                                     &WinogradProducts<9, 3>,
+                                     &WinogradProducts<6, 4>,
+                                     &WinogradProducts<5, 5>,
+                                     &WinogradProducts<4, 6>,
+                                     &WinogradProducts<3, 7>};
+
+constexpr int64_t kFusedProductBytes = 256 << 10, kFusedInputBytes = 512 << 10, kFusedWeightBytes = 768 << 10;
+
+template <typename T>
+void FusedWinogradRun(const Geometry &g, void **params) {
+  constexpr int m = T::kM, alpha = T::kAlpha, points = alpha * alpha;
+  static const TapSplit split;
+  Runtime &rt = Rt();
+  const auto *x = static_cast<const float *>(params[0]), *weight = static_cast<const float *>(params[1]),
+             *bias = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t c_in = g.c, c_out = g.o, h = g.h, w = g.w;
+  const int64_t th = (h + m - 1) / m, tw = (w + m - 1) / m, tiles = th * tw, cols = g.n * tiles;
+  // NV vectors of 16 columns per register block, chosen to pad the columns least
+  const int64_t vectors = (cols + 15) / 16;
+  int nv = 7;
+  for (int k = 7; k >= 1; --k)
+    if ((vectors + k - 1) / k * k < (vectors + nv - 1) / nv * nv) nv = k;
+  const int64_t padded = (vectors + nv - 1) / nv * nv * 16;  // columns in V and M
+  const int rows = kProductRows[nv];
+  // Blocks that keep a thread's working set within its L2 cache: the products M of out_block output channels
+  // (points, out_block, padded) about kFusedProductBytes, and for each block of in_block input channels the rows of
+  // V it multiplies (points, in_block, padded) and its U (points, out_block, in_block) about kFusedInputBytes and
+  // kFusedWeightBytes.
+  const int64_t column_bytes = int64_t(sizeof(float)) * points * padded;
+  const int64_t out_block = rows * std::max<int64_t>(1, kFusedProductBytes / column_bytes / rows);
+  const int64_t in_fit = std::min(kFusedInputBytes / column_bytes,
+                                  kFusedWeightBytes / (int64_t(sizeof(float)) * points * out_block));
+  const int64_t in_block = std::min(c_in, 16 * std::max<int64_t>(1, in_fit / 16));
+  // each column's sample and its tile's top-left input pixel (the padding columns repeat the last tile, unused)
+  std::vector<int32_t> sample(padded), top(padded), left(padded);
+  for (int64_t col = 0; col < padded; ++col) {
+    const int64_t t = std::min(col, cols - 1);
+    sample[col] = static_cast<int32_t>(t / tiles);
+    top[col] = static_cast<int32_t>(t % tiles / tw * m - 1);
+    left[col] = static_cast<int32_t>(t % tw * m - 1);
+  }
+  const size_t v_bytes = Round(sizeof(float) * points * c_in * padded);
+  Arena arena(v_bytes);
+  float *v = static_cast<float *>(arena.Take(v_bytes));
+  const int64_t vectors_padded = padded / 16;
+  rt.pool->parallel_for(static_cast<int>(c_in * vectors_padded), [&](int item, int) {  // V, 16 columns at a time
+    const int64_t c = item / vectors_padded, col = item % vectors_padded * 16;
+    const __m512i y0 = _mm512_loadu_si512(top.data() + col), x0 = _mm512_loadu_si512(left.data() + col);
+    const __m512i plane = _mm512_mullo_epi32(
+        _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512(sample.data() + col), _mm512_set1_epi32(static_cast<int32_t>(c_in))),
+                         _mm512_set1_epi32(static_cast<int32_t>(c))),
+        _mm512_set1_epi32(static_cast<int32_t>(h * w)));
+    __m512 d[points], t[points];
+    for (int i = 0; i < alpha; ++i) {
+      const __m512i iy = _mm512_add_epi32(y0, _mm512_set1_epi32(i));
+      const __mmask16 in_y = _mm512_cmpge_epi32_mask(iy, _mm512_setzero_si512()) &
+                             _mm512_cmplt_epi32_mask(iy, _mm512_set1_epi32(static_cast<int32_t>(h)));
+      const __m512i row = _mm512_add_epi32(plane, _mm512_mullo_epi32(iy, _mm512_set1_epi32(static_cast<int32_t>(w))));
+      for (int j = 0; j < alpha; ++j) {
+        const __m512i ix = _mm512_add_epi32(x0, _mm512_set1_epi32(j));
+        const __mmask16 in = in_y & _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512()) &
+                             _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(static_cast<int32_t>(w)));
+        d[i * alpha + j] = in == 0 ? _mm512_setzero_ps()
+                                   : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, _mm512_add_epi32(row, ix), x, 4);
+      }
+    }
+    Transform2D<alpha, alpha>(d, t, T::Input);
+    for (int k = 0; k < points; ++k) _mm512_storeu_ps(v + (k * c_in + c) * padded + col, t[k]);
+  });
+  const int64_t blocks = (c_out + out_block - 1) / out_block;
+  rt.pool->parallel_for(static_cast<int>(blocks), [&](int item, int) {
+    const int64_t o0 = item * out_block, on = std::min(out_block, c_out - o0);
+    thread_local std::vector<float> u_buffer, m_buffer;
+    u_buffer.resize(points * out_block * in_block);
+    m_buffer.resize(points * out_block * padded);
+    float *u = u_buffer.data(), *mm = m_buffer.data();
+    for (int64_t c0 = 0; c0 < c_in; c0 += in_block) {
+      const int64_t depth = std::min(in_block, c_in - c0), per_row = depth / 16;
+      // U of this block: output channel r, 16 input channels from c at u[((r * per_row + c / 16) * points + k) * 16]
+      for (int64_t r = 0; r < out_block; ++r) {
+        const int64_t o = std::min(o0 + r, c_out - 1);  // rows past the last channel repeat it (results unused)
+        for (int64_t c = 0; c < depth; c += 16) {
+          __m512 taps[9], t[points];
+          split(weight + (o * c_in + c0 + c) * 9, taps);
+          Transform2D<3, alpha>(taps, t, T::Kernel);
+          float *to = u + (r * per_row + c / 16) * points * 16;
+          for (int k = 0; k < points; ++k) _mm512_storeu_ps(to + k * 16, t[k]);
+        }
+      }
+      for (int k = 0; k < points; ++k)
+        for (int64_t r = 0; r < out_block; r += rows)
+          for (int64_t col = 0; col < padded; col += 16 * nv)
+            kProducts[nv](u + (r * per_row * points + k) * 16, per_row * points * 16, points * 16,
+                          v + (k * c_in + c0) * padded + col, padded, depth, mm + (k * out_block + r) * padded + col,
+                          padded, c0 == 0);
+    }
+    float in[points], out[m * m];
+    for (int64_t r = 0; r < on; ++r) {
+      const float b = bias[o0 + r];
+      for (int64_t col = 0; col < cols; ++col) {
+        for (int k = 0; k < points; ++k) in[k] = mm[(k * out_block + r) * padded + col];
+        Transform2D<alpha, m>(in, out, T::Output);
+        const int64_t y0 = top[col] + 1, x0 = left[col] + 1;
+        float *plane = y + (sample[col] * c_out + o0 + r) * h * w;
+        for (int i = 0; i < m && y0 + i < h; ++i)
+          for (int j = 0; j < m && x0 + j < w; ++j) plane[(y0 + i) * w + x0 + j] = out[i * m + j] + b;
+      }
+    }
+  });
+}
+#else
+constexpr bool kFusedWinogradBuilt = false;
+#endif
+
+// Where the fused Winograd runs: 3x3, stride 1, one pixel of padding on every side, one group, channels in a
+// multiple of 16, images of at most kFusedMaxPixels, offsets within int32.
+constexpr int64_t kFusedMaxPixels = 16;
+
+bool UseFusedWinograd(const Geometry &g) {
+  const char *env = std::getenv("SVD_CONV_FUSED");
+  if (!kFusedWinogradBuilt || (env != nullptr && env[0] == '0')) return false;
+  return g.kh == 3 && g.kw == 3 && g.groups == 1 && g.strides[0] == 1 && g.strides[1] == 1 && g.pad_l[0] == 1 &&
+         g.pad_l[1] == 1 && g.pad_r[0] == 1 && g.pad_r[1] == 1 && g.c % 16 == 0 && g.h * g.w <= kFusedMaxPixels &&
+         g.n * std::max(g.c, g.o) * g.h * g.w < (int64_t(1) << 31);
+}
+
+// F(2x2, 3x3) where it takes fewer products than F(4x4, 3x3) (images of 2 pixels a side), else F(4x4, 3x3).
+void FusedWinogradForward(const Geometry &g, void **params) {
+#if defined(__AVX512F__)
+  const auto products = [&](int64_t m) { return (g.h + m - 1) / m * ((g.w + m - 1) / m) * (m + 2) * (m + 2); };
+  if (products(2) < products(4)) return FusedWinogradRun<Winograd2>(g, params);
+  FusedWinogradRun<Winograd4>(g, params);
+#endif
 }
 
 // A temporal convolution (a (3, 1) kernel over (T, H*W), stride 1, padding 1 along T and none along W, one group,
