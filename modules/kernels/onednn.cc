@@ -774,7 +774,7 @@ void WinogradProducts(const float *u, int64_t row, int64_t block, const float *v
                       float *m, int64_t mrow, bool first) {
   __m512 acc[NO][NV];
   for (int r = 0; r < NO; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(m + r * mrow + 16 * j);
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < depth; c0 += 16, u += block, v += 16 * vrow)
     for (int c = 0; c < 16; ++c) {
       __m512 b[NV];
@@ -787,8 +787,12 @@ void WinogradProducts(const float *u, int64_t row, int64_t block, const float *v
         for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
       }
     }
+  // this block's sum added to the earlier blocks' (rather than accumulated on from them): shorter chains of roundings
   for (int r = 0; r < NO; ++r)
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(m + r * mrow + 16 * j, acc[r][j]);
+    for (int j = 0; j < NV; ++j) {
+      float *at = m + r * mrow + 16 * j;
+      _mm512_storeu_ps(at, first ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(at), acc[r][j]));
+    }
 }
 
 using ProductsFn = void (*)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, float *, int64_t, bool);
