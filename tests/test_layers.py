@@ -259,6 +259,17 @@ def test_convolutions_match_torch_with_their_gradients(monkeypatch, mode, kernel
                 np.testing.assert_allclose(ours.asnumpy().astype(np.float64), ref.numpy(), rtol=10 * tol, atol=10 * tol)
 
 
+def _assert_padded_conv_matches_torch(cell, x: np.ndarray) -> None:
+    """cell(x) against torch's convolution with one pixel of padding on every side, in float64."""
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x).double(),
+        torch.from_numpy(cell.weight.asnumpy()).double(),
+        torch.from_numpy(cell.bias.asnumpy()).double(),
+        padding=1,
+    )
+    np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("setting", ["0", "1", None])
 def test_convolution_algorithms_match_torch(monkeypatch, setting):
     """The kernel's 3x3 convolutions with Winograd's algorithm off, on (where oneDNN has it), and as the kernel
@@ -278,13 +289,7 @@ def test_convolution_algorithms_match_torch(monkeypatch, setting):
     cell = Conv2d(64, 64, 3, padding=1)
     for shape in [(2, 64, 12, 12), (3, 64, 8, 4)]:
         x = rng.standard_normal(shape).astype(np.float32)
-        want = torch.nn.functional.conv2d(
-            torch.from_numpy(x).double(),
-            torch.from_numpy(cell.weight.asnumpy()).double(),
-            torch.from_numpy(cell.bias.asnumpy()).double(),
-            padding=1,
-        )
-        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+        _assert_padded_conv_matches_torch(cell, x)
     temporal = TemporalConv(64, 80, (3, 1, 1))  # Winograd F(2, 3) along time unless SVD_CONV_WINOGRAD=0
     for shape in [(2, 64, 14, 4, 4), (1, 64, 7, 3, 5)]:
         x = rng.standard_normal(shape).astype(np.float32)
@@ -329,13 +334,7 @@ def test_small_image_winograd_matches_torch(monkeypatch, fused):
     ]:
         cell = Conv2d(c, o, 3, padding=1)
         x = rng.standard_normal(shape).astype(np.float32)
-        want = torch.nn.functional.conv2d(
-            torch.from_numpy(x).double(),
-            torch.from_numpy(cell.weight.asnumpy()).double(),
-            torch.from_numpy(cell.bias.asnumpy()).double(),
-            padding=1,
-        )
-        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+        _assert_padded_conv_matches_torch(cell, x)
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="the kernel's own Winograd needs AVX-512")
