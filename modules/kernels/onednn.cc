@@ -454,7 +454,7 @@ bool PreferWinograd(const Geometry &g) {
 }
 
 // (x, weight, geometry, bias) -> y. SVD_CONV_WINOGRAD=1 takes Winograd wherever oneDNN has it, =0 never (the
-// temporal F(2, 3) included).
+// temporal F(2, 3) and the kernel's own small-image Winograd included).
 void Forward(Geometry g, void **params) {
   const char *env = std::getenv("SVD_CONV_WINOGRAD");
   const char setting = env != nullptr ? env[0] : 'a';
@@ -591,8 +591,9 @@ void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c
 }
 
 // A convolution whose output has a few pixels per sample (the UNet's 2x2 level where the fused Winograd does not
-// run: without AVX-512; the downsamplers' 2x2 outputs) runs as a GEMM over the whole batch: the input's patches as rows (im2col, taps past the border as zeros), times the weight as MindSpore holds it
-// ((O, C x kh x kw), no reorder). oneDNN's direct kernels block their registers along the output row, which has 2
+// run: without AVX-512; the downsamplers' 2x2 outputs) runs as a GEMM over the whole batch: the input's patches as
+// rows (im2col, taps past the border as zeros), times the weight as MindSpore holds it ((O, C x kh x kw), no
+// reorder). oneDNN's direct kernels block their registers along the output row, which has 2
 // pixels there, and reach a fraction of the machine's GEMM; their weight reorder also reads and writes the whole
 // weight at every call. Each thread takes a slice of the output channels, one single-threaded SGEMM of all rows
 // times its slice of the weight, and writes its columns of the result to NCHW with the bias added. oneDNN 2.2's
@@ -648,7 +649,7 @@ void GemmForward(const Geometry &g, void **params) {
   });
 }
 
-// Small images with many channels (the UNet's 8x8, 4x4 and 2x2 levels at 128x128 pixels) run 3x3 convolutions as a
+// Small images with many channels (the UNet's 4x4 and 2x2 levels at 128x128 pixels) run 3x3 convolutions as a
 // Winograd F(m x m, 3x3) (m = 4, or 2 where that takes fewer products: 2x2 images) whose weight transform never
 // leaves the cache. oneDNN's Winograd writes the transformed weights (4x the weights) to memory and reads them back at
 // every call, which at these sizes costs more than the products; here each thread transforms a block of output
@@ -656,7 +657,7 @@ void GemmForward(const Geometry &g, void **params) {
 // transformed input V (the (alpha^2, C, columns) tiles of every sample, alpha = m + 2), accumulating the products M
 // (alpha^2, block, columns) in a second such buffer, and transforms M into its outputs when the block is done. The
 // products run in an AVX-512 kernel that holds NO output channels x NV vectors of 16 columns in registers. The
-// transforms are those of Lavin and Gray, as in oneDNN's F(4x4, 3x3):
+// transforms are Lavin and Gray's (interpolation points 0, 1, -1, 2, -2 for m = 4):
 //   F(4, 3): V = B^T d B, U = G g G^T, y = A^T M A with
 //     B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
 //     G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1],
@@ -667,7 +668,8 @@ void GemmForward(const Geometry &g, void **params) {
 #if defined(__AVX512F__)
 constexpr bool kFusedWinogradBuilt = true;
 
-// The 1-D transforms along one axis, on 16 lanes at a time: `in` k-th element at in[k * is], out[k * os].
+// The 1-D transforms along one axis, the k-th element of the input at [k * is] and of the output at [k * os]: the
+// kernel's and the input's on vectors of 16 lanes, the output's on single values.
 struct Winograd4 {
   static constexpr int kM = 4, kAlpha = 6;
   static void Kernel(const __m512 *g, int is, __m512 *u, int os) {
@@ -767,8 +769,8 @@ class TapSplit {
   __mmask16 mask_[9][5];
 };
 
-// m (NO rows x 16 NV columns) (+)= U V over `depth` input channels (a multiple of 16): U row r, channel c at
-// u[r * row + c / 16 * block + c % 16], V row c at v[c * vrow]; m row r at m[r * mrow]. `first` starts from zero.
+// m (NO rows x 16 NV columns) = U V over `depth` input channels (a multiple of 16), or m += U V unless `first`: U
+// row r, channel c at u[r * row + c / 16 * block + c % 16], V row c at v[c * vrow]; m row r at m[r * mrow].
 template <int NO, int NV>
 void WinogradProducts(const float *u, int64_t row, int64_t block, const float *v, int64_t vrow, int64_t depth,
                       float *m, int64_t mrow, bool first) {
@@ -851,8 +853,9 @@ void FusedWinogradRun(const Geometry &g, void **params) {
     const int64_t c = item / vectors_padded, col = item % vectors_padded * 16;
     const __m512i y0 = _mm512_loadu_si512(top.data() + col), x0 = _mm512_loadu_si512(left.data() + col);
     const __m512i plane = _mm512_mullo_epi32(
-        _mm512_add_epi32(_mm512_mullo_epi32(_mm512_loadu_si512(sample.data() + col), _mm512_set1_epi32(static_cast<int32_t>(c_in))),
-                         _mm512_set1_epi32(static_cast<int32_t>(c))),
+        _mm512_add_epi32(
+            _mm512_mullo_epi32(_mm512_loadu_si512(sample.data() + col), _mm512_set1_epi32(static_cast<int32_t>(c_in))),
+            _mm512_set1_epi32(static_cast<int32_t>(c))),
         _mm512_set1_epi32(static_cast<int32_t>(h * w)));
     __m512 d[points], t[points];
     for (int i = 0; i < alpha; ++i) {
