@@ -302,14 +302,6 @@ def test_convolution_algorithms_match_torch(monkeypatch, setting):
         np.testing.assert_allclose(temporal(Tensor(x)).asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("fused", ["0", "1"])
 def test_small_image_winograd_matches_torch(monkeypatch, fused):
     """3x3 convolutions of images of at most 16 pixels, which the kernel runs as its own Winograd F(4x4, 3x3) (F(2x2,
@@ -337,7 +329,7 @@ def test_small_image_winograd_matches_torch(monkeypatch, fused):
         _assert_padded_conv_matches_torch(cell, x)
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="the kernel's own Winograd needs AVX-512")
+@pytest.mark.skipif(" avx512f" not in kernels._cpu_flags(), reason="the kernel's own Winograd needs AVX-512")
 def test_small_image_winograd_is_the_one_that_runs(monkeypatch):
     """SVD_CONV_FUSED switches the 4x4 and 2x2 convolutions between the kernel's Winograd and oneDNN's algorithms:
     their outputs agree to rounding but not bit for bit, so the switch reaches a different computation."""
