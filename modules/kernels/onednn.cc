@@ -593,13 +593,13 @@ void RunGemm(GemmKind kind, const Rows &r, void *a, void *b, void *bias, void *c
 // A convolution whose output has a few pixels per sample (the UNet's 2x2 level where the fused Winograd does not
 // run: without AVX-512; the downsamplers' 2x2 outputs) runs as a GEMM over the whole batch: the input's patches as
 // rows (im2col, taps past the border as zeros), times the weight as MindSpore holds it ((O, C x kh x kw), no
-// reorder). oneDNN's direct kernels block their registers along the output row, which has 2
-// pixels there, and reach a fraction of the machine's GEMM; their weight reorder also reads and writes the whole
-// weight at every call. Each thread takes a slice of the output channels, one single-threaded SGEMM of all rows
-// times its slice of the weight, and writes its columns of the result to NCHW with the bias added. oneDNN 2.2's
-// matmul on the same pool ran these GEMMs (112 rows, 11,520 deep, 1,280 out) at about the rate of one thread: the
-// slices took 0.29 s per UNet evaluation against its 0.35 s (in-process alternation, 4 rounds), and 14 ms against
-// 27 ms for one such GEMM alone with its weights out of cache.
+// reorder). oneDNN's direct kernels block their registers along the output row, which has 2 pixels there, and
+// reach a fraction of the machine's GEMM; their weight reorder also reads and writes the whole weight at every call.
+// Each thread takes a slice of the output channels, one single-threaded SGEMM of all rows times its slice of the
+// weight, and writes its columns of the result to NCHW with the bias added. oneDNN 2.2's matmul on the same pool ran
+// these GEMMs (112 rows, 11,520 deep, 1,280 out) at about the rate of one thread: the slices took 0.29 s per UNet
+// evaluation against its 0.35 s (in-process alternation, 4 rounds), and 14 ms against 27 ms for one such GEMM alone
+// with its weights out of cache.
 constexpr int64_t kGemmMaxPixels = 4;
 
 bool UseGemm(const Geometry &g) {
